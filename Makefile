@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` (main job, embedded data) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export MPLBACKEND := Agg
+# Tests and CI read the read-only MNIST copy beside the checkout when it is there.
+export AEVAE_DATA_ROOT ?= $(abspath ../shared/datasets)
+
+.PHONY: demo test install install-dev system-deps benchmarks clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch/torchvision come first and alone: pip takes them from this machine's disk.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+system-deps:
+	bash scripts/install_system_deps.sh
+
+demo: install
+	$(BIN)/aevae train --config experiments/vae_demo.yaml
+
+test: install system-deps
+	$(BIN)/python -m pytest -q
+
+benchmarks: install
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from aevae.cli import main
+
+sys.exit(main())

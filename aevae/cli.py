@@ -1,0 +1,51 @@
+"""`aevae` console script: one subcommand per capability; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from aevae.errors import UsageError
+from aevae.tracking import mask_secrets
+
+
+def train(args: Sequence[str]) -> int:
+    """Train an AE or VAE from an experiment config, recorded as one MLflow run."""
+    from aevae.training import parse_config, run_training
+
+    result = run_training(parse_config(args))
+    if result.run_id:
+        print(f"run {result.run_id} finished: {mask_secrets(result.tracking_uri)}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train}
+
+
+def usage() -> str:
+    lines = ["usage: aevae COMMAND [options]   (aevae COMMAND --help for a command's options)", "", "commands:"]
+    lines += [f"  {name:<10} {handler.__doc__.splitlines()[0]}" for name, handler in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, args = argv[0], argv[1:]
+    handler = COMMANDS.get(command)
+    if handler is None:
+        print(f"aevae: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MPLBACKEND", "Agg")  # headless plots; set before matplotlib is imported
+    try:
+        return handler(args)
+    except UsageError as err:
+        print(f"aevae {command}: error: {mask_secrets(str(err))}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

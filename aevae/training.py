@@ -1,0 +1,197 @@
+"""One config parser and one trainer factory for every command that trains (train, compare, sweep, reproduce)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse.typing import PositiveInt
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+from aevae import tracking
+from aevae.data import ImageDataModule
+from aevae.errors import UsageError
+from aevae.models import LatentAutoencoder
+
+MONITOR = "val/loss"
+# Trainer arguments that aevae sets itself (tracking, checkpoints) or that would load arbitrary classes.
+_TRAINER_SKIP = {"logger", "callbacks", "plugins", "enable_checkpointing", "profiler", "default_root_dir"}
+
+
+@dataclass
+class TrackingOptions:
+    """Where and under which names the run is recorded.
+
+    Args:
+        uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlruns/mlflow.db``.
+        experiment: MLflow experiment name.
+        run_name: run name; default says model, latent size, beta and seed (``vae-z4-b1-s0``).
+    """
+
+    uri: str | None = None
+    experiment: str = "aevae"
+    run_name: str | None = None
+
+
+@dataclass
+class FitOptions:
+    """What happens around ``Trainer.fit``.
+
+    Args:
+        early_stopping_patience: stop after this many epochs without a better val/loss (None: off).
+        checkpoint_dir: local folder for last/best checkpoints (the best is also logged to MLflow).
+        test: evaluate the best checkpoint on the test split after fit.
+    """
+
+    early_stopping_patience: PositiveInt | None = None
+    checkpoint_dir: str = "checkpoints"
+    test: bool = True
+
+
+def build_parser() -> ArgumentParser:
+    """The experiment config: seed, model (AE or VAE), data, trainer, tracking, fit."""
+    parser = ArgumentParser(prog="aevae train", exit_on_error=False, default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML experiment config (experiments/*.yaml)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, batch order and sampling")
+    parser.add_subclass_arguments(LatentAutoencoder, "model", required=True)
+    parser.add_class_arguments(ImageDataModule, "data")
+    parser.add_class_arguments(pl.Trainer, "trainer", skip=_TRAINER_SKIP, fail_untyped=False)
+    parser.add_class_arguments(TrackingOptions, "tracking")
+    parser.add_class_arguments(FitOptions, "fit")
+    return parser
+
+
+def parse_config(args: Sequence[str] | None = None, parser: ArgumentParser | None = None) -> Namespace:
+    """Parse and validate an experiment config; raises UsageError naming the bad field."""
+    parser = parser or build_parser()
+    try:
+        return parser.parse_args(args)
+    except Exception as err:  # jsonargparse's ArgumentError and friends
+        raise UsageError(one_line(err)) from err
+
+
+def one_line(err: BaseException) -> str:
+    """jsonargparse explains a bad key over several lines; keep what names the field."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines[:2]) if lines else type(err).__name__
+
+
+def model_kind(config: Namespace) -> str:
+    return config.model.class_path.rsplit(".", 1)[-1].lower()
+
+
+def default_run_name(config: Namespace) -> str:
+    args = config.model.init_args
+    beta = f"-b{args.kl_weight:g}" if "kl_weight" in args else ""
+    return f"{model_kind(config)}-z{args.latent_dim}{beta}-s{config.seed}"
+
+
+@dataclass
+class TrainingResult:
+    run_id: str | None
+    tracking_uri: str
+    model: LatentAutoencoder
+    datamodule: ImageDataModule
+    trainer: pl.Trainer
+    best_checkpoint: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
+    """The one Trainer factory: config's trainer options plus aevae's checkpointing and early stopping."""
+    checkpoints = ModelCheckpoint(
+        monitor=MONITOR, mode="min", save_top_k=1, save_last=True, filename="best", enable_version_counter=False
+    )
+    all_callbacks: list[Callback] = [checkpoints, *callbacks]
+    if config.fit.early_stopping_patience:
+        all_callbacks.append(EarlyStopping(monitor=MONITOR, mode="min", patience=config.fit.early_stopping_patience))
+    trainer_options = {key: value for key, value in config.trainer.items() if value is not None or key == "max_epochs"}
+    try:
+        return pl.Trainer(
+            **trainer_options,
+            logger=logger,
+            callbacks=all_callbacks,
+            default_root_dir=config.fit.checkpoint_dir,
+        )
+    except (ValueError, TypeError, RuntimeError) as err:  # e.g. an accelerator that is not there
+        raise UsageError(f"trainer: {one_line(err)}") from err
+
+
+def instantiate(config: Namespace, parser: ArgumentParser | None = None) -> tuple[LatentAutoencoder, ImageDataModule]:
+    """Seed everything, then build the model and the data module from a parsed config."""
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    parser = parser or build_parser()
+    try:
+        objects = parser.instantiate_classes(config)
+    except UsageError:
+        raise
+    except Exception as err:
+        raise UsageError(one_line(err)) from err
+    return objects.model, objects.data
+
+
+def run_training(
+    config: Namespace,
+    parent_run_id: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    tags: dict[str, str] | None = None,
+) -> TrainingResult:
+    """Train one model as one MLflow run: params, per-epoch metrics, config and best checkpoint."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+
+    parser = build_parser()
+    tracking_uri = tracking.validate_tracking_uri(config.tracking.uri or tracking.default_tracking_uri())
+    model, datamodule = instantiate(config, parser)
+    datamodule.setup("fit")  # a missing data file fails here, before any run exists
+
+    run_tags = {
+        "model_kind": model.kind,
+        "data_source": config.data.source,
+        "seed": str(config.seed),
+        "git_commit": tracking.git_commit(),
+        **(tags or {}),
+    }
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    logger = MLFlowLogger(
+        experiment_name=config.tracking.experiment,
+        run_name=config.tracking.run_name or default_run_name(config),
+        tracking_uri=tracking_uri,
+        tags=run_tags,
+        artifact_location=tracking.artifact_location(tracking_uri),
+    )
+    trainer = build_trainer(config, logger, callbacks)
+    client: MlflowClient | None = logger.experiment if trainer.is_global_zero else None
+    run_id = logger.run_id if trainer.is_global_zero else None
+    error: BaseException | None = None
+    try:
+        if client is not None:
+            logger.log_hyperparams(tracking.flatten(config.as_dict()))
+            _log_config(client, run_id, parser, config)
+        trainer.fit(model, datamodule=datamodule)
+        best = trainer.checkpoint_callback.best_model_path or None
+        if config.fit.test:
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        if client is not None and best:
+            client.log_artifact(run_id, best, "checkpoints")
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        return TrainingResult(run_id, tracking_uri, model, datamodule, trainer, best, metrics)
+    except BaseException as err:
+        error = err
+        raise
+    finally:
+        if client is not None:
+            tracking.close_run(client, run_id, error)
+
+
+def _log_config(client: Any, run_id: str, parser: ArgumentParser, config: Namespace) -> None:
+    """The resolved config, re-runnable with `aevae train --config config.yaml`."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.yaml"
+        path.write_text(tracking.mask_secrets(parser.dump(config, skip_none=False)))
+        client.log_artifact(run_id, str(path))
