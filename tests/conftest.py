@@ -31,8 +31,8 @@ def mnist_root() -> Path:
 
 def run_aevae(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the `aevae` CLI in a subprocess, as a user would, capturing its output."""
-    full_env = {**os.environ, "MPLBACKEND": "Agg", **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None) if env is None or "MLFLOW_TRACKING_URI" not in env else None
+    inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    full_env = {**inherited, "MPLBACKEND": "Agg", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "aevae", *args],
         cwd=cwd,
