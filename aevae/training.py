@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +60,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, batch order and sampling")
     parser.add_subclass_arguments(LatentAutoencoder, "model", required=True)
     parser.add_class_arguments(ImageDataModule, "data")
-    parser.add_class_arguments(pl.Trainer, "trainer", skip=_TRAINER_SKIP, fail_untyped=False)
-    parser.add_class_arguments(TrackingOptions, "tracking")
-    parser.add_class_arguments(FitOptions, "fit")
+    parser.add_class_arguments(pl.Trainer, "trainer", skip=_TRAINER_SKIP, fail_untyped=False, instantiate=False)
+    parser.add_class_arguments(TrackingOptions, "tracking", instantiate=False)
+    parser.add_class_arguments(FitOptions, "fit", instantiate=False)
     return parser
 
 
@@ -74,10 +75,25 @@ def parse_config(args: Sequence[str] | None = None, parser: ArgumentParser | Non
         raise UsageError(one_line(err)) from err
 
 
+_NOISE = (
+    "Parser key", "Does not validate", "Subtypes:", "Errors:", "Problem with given class_path",
+    "Expected a <class 'NoneType'>", "Given value type", "Given value: NestedArg",
+)  # fmt: skip
+
+
 def one_line(err: BaseException) -> str:
-    """jsonargparse explains a bad key over several lines; keep what names the field."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return "; ".join(lines[:2]) if lines else type(err).__name__
+    """jsonargparse explains a bad key over many lines; keep the key and what is wrong with it."""
+    cause: BaseException | None = err
+    while cause is not None:  # a check in a constructor already names its field
+        if isinstance(cause, UsageError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = str(err)
+    key = re.search(r'Parser key "([^"]+)"', text)
+    details = [line.strip(" -") for line in text.splitlines()]
+    details = [line for line in details if line and not line.startswith(_NOISE)][:2]
+    message = "; ".join(details) or type(err).__name__
+    return f"{key.group(1)}: {message}" if key else message
 
 
 def model_kind(config: Namespace) -> str:
@@ -127,8 +143,6 @@ def instantiate(config: Namespace, parser: ArgumentParser | None = None) -> tupl
     parser = parser or build_parser()
     try:
         objects = parser.instantiate_classes(config)
-    except UsageError:
-        raise
     except Exception as err:
         raise UsageError(one_line(err)) from err
     return objects.model, objects.data
@@ -145,9 +159,9 @@ def run_training(
     from mlflow import MlflowClient
 
     parser = build_parser()
-    tracking_uri = tracking.validate_tracking_uri(config.tracking.uri or tracking.default_tracking_uri())
     model, datamodule = instantiate(config, parser)
     datamodule.setup("fit")  # a missing data file fails here, before any run exists
+    tracking_uri = tracking.validate_tracking_uri(config.tracking.uri or tracking.default_tracking_uri())
 
     run_tags = {
         "model_kind": model.kind,
