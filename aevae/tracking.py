@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import sqlite3
 import subprocess
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from aevae.errors import UsageError
 
 DEFAULT_STORE = Path("mlruns")
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
+LOCK_NAME = ".aevae.lock"  # in the store; .dvcignore keeps it out of snapshots
+# Every column where MLflow records an absolute artifact location.
+LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"))
+_HELD_LOCKS: dict[Path, int] = {}
 SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
@@ -53,6 +61,78 @@ def validate_tracking_uri(tracking_uri: str) -> str:
         if not os.access(store, os.W_OK):
             raise UsageError(f"tracking.uri: the store folder {store} is not writable")
     return tracking_uri
+
+
+def open_store(tracking_uri: str) -> str:
+    """Validate the URI; for a local store also hold its lock and point its artifact locations here.
+
+    Every command that reads or writes the record opens it through here.
+    """
+    validate_tracking_uri(tracking_uri)
+    store = local_store_dir(tracking_uri)
+    if store is not None and store.resolve() not in _HELD_LOCKS:
+        fd = lock_store(store)
+        if fd is None:
+            raise UsageError(f"tracking.uri: {store} is being snapshotted (aevae snapshot); try again when it is done")
+        os.set_inheritable(fd, True)  # `aevae ui` execs the MLflow server, which keeps holding it
+        _HELD_LOCKS[store.resolve()] = fd
+        relocate(store)
+    return tracking_uri
+
+
+def lock_store(store: Path, exclusive: bool = False) -> int | None:
+    """flock the store's lock file, freed when the process exits; None if the other kind is held.
+
+    Commands that write (train, sweeps, ui) share it until they exit; `aevae snapshot` needs it alone.
+    """
+    fd = os.open(store / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _former_store(location: str) -> Path | None:
+    """The store folder that an experiment's location ``file://<store>/artifacts`` was recorded in."""
+    parts = urlsplit(location)
+    if parts.scheme != "file" or not parts.path.endswith(f"/{ARTIFACTS_DIR}"):
+        return None
+    return Path(url2pathname(parts.path)).parent
+
+
+def relocate(store: Path) -> int:
+    """Rewrite artifact locations recorded under the store's former folder to its current one.
+
+    MLflow records absolute locations (``file:///old/mlruns/artifacts/<run>/artifacts``); after the
+    record is moved, or cloned and pulled with DVC elsewhere, they name a folder that is gone.
+    Returns the number of rows rewritten (0 when the store has not moved).
+    """
+    if not (store / DB_NAME).is_file():
+        return 0
+    here = store.resolve()
+    with closing(sqlite3.connect(store / DB_NAME, timeout=30)) as db, db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return 0
+        locations = [location for (location,) in db.execute("SELECT artifact_location FROM experiments")]
+        former = {_former_store(location) for location in locations} - {None, here}
+        changed = 0
+        for old_dir in former:
+            for old, new in ((old_dir.as_uri(), here.as_uri()), (str(old_dir), str(here))):
+                for table, column in (pair for pair in LOCATION_COLUMNS if pair[0] in tables):
+                    changed += db.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                        (new, len(old) + 1, len(old) + 1, f"{old}/"),
+                    ).rowcount
+    return changed
+
+
+def running_runs(store: Path) -> list[tuple[str, str]]:
+    """(name, id) of the store's runs whose status is RUNNING."""
+    with closing(sqlite3.connect(store / DB_NAME, timeout=30)) as db:
+        return db.execute("SELECT name, run_uuid FROM runs WHERE status = 'RUNNING'").fetchall()
 
 
 def artifact_location(tracking_uri: str) -> str | None:

@@ -161,7 +161,7 @@ def run_training(
     parser = build_parser()
     model, datamodule = instantiate(config, parser)
     datamodule.setup("fit")  # a missing data file fails here, before any run exists
-    tracking_uri = tracking.validate_tracking_uri(config.tracking.uri or tracking.default_tracking_uri())
+    tracking_uri = tracking.open_store(config.tracking.uri or tracking.default_tracking_uri())
 
     run_tags = {
         "model_kind": model.kind,
