@@ -6,7 +6,7 @@ export MPLBACKEND := Agg
 # Tests and CI read the read-only MNIST copy beside the checkout when it is there.
 export AEVAE_DATA_ROOT ?= $(abspath ../shared/datasets)
 
-.PHONY: demo test install install-dev system-deps benchmarks clean
+.PHONY: demo test install install-dev system-deps benchmarks snapshot clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 
 test: install system-deps
 	$(BIN)/python -m pytest -q
+
+# Record mlruns/ in mlruns.dvc and push it to the default DVC remote (refused while anything writes to it).
+snapshot: install
+	$(BIN)/aevae snapshot
 
 benchmarks: install
 	$(BIN)/python benchmarks/throughput.py

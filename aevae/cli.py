@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 from aevae.errors import UsageError
 from aevae.tracking import mask_secrets
+from aevae.ui import snapshot, ui
 
 
 def train(args: Sequence[str]) -> int:
@@ -20,7 +21,7 @@ def train(args: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train}
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot}
 
 
 def usage() -> str:
