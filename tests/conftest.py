@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable, Iterator
+from urllib.request import urlopen
 
 import pytest
 
@@ -29,15 +34,100 @@ def mnist_root() -> Path:
     return SHARED_DATASETS
 
 
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a CLI subprocess: ours, minus any tracking URI of the machine."""
+    inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    return {**inherited, "MPLBACKEND": "Agg", **(env or {})}
+
+
 def run_aevae(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the `aevae` CLI in a subprocess, as a user would, capturing its output."""
-    inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    full_env = {**inherited, "MPLBACKEND": "Agg", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "aevae", *args],
         cwd=cwd,
-        env=full_env,
+        env=cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+DEMO_RUNS = ("study-demo", "vae-z4-b1-s0", "vae-z8-b4-s0", "ae-z4-s0")  # a study of two VAEs, and an AE
+LATENT_PLOT, PLOT_SIDE = "latent/pca.png", 64  # a PLOT_SIDE x PLOT_SIDE PNG
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose mlruns/ holds DEMO_RUNS in experiment "demo", each with its LATENT_PLOT.
+
+    Logged once per session; copy its mlruns/ into a test's own folder before using it.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from aevae import tracking
+
+    folder = tmp_path_factory.mktemp("demo_store")
+    uri = tracking.validate_tracking_uri(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+    plot = folder / Path(LATENT_PLOT).name
+    plt.imsave(plot, np.linspace(0, 1, PLOT_SIDE**2).reshape(PLOT_SIDE, PLOT_SIDE))
+    client = MlflowClient(uri)
+    experiment = tracking.experiment_id(client, "demo", uri)
+    study = client.create_run(experiment, run_name=DEMO_RUNS[0]).info.run_id
+    for name in DEMO_RUNS[1:]:
+        parent = {"mlflow.parentRunId": study} if name.startswith("vae") else {}
+        run_id = client.create_run(experiment, run_name=name, tags=parent).info.run_id
+        client.log_metric(run_id, "val/loss", 100.0, step=0)
+        client.log_artifact(run_id, str(plot), str(Path(LATENT_PLOT).parent))
+        client.set_terminated(run_id)
+    client.set_terminated(study)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def serve_ui(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
+    """Start `aevae ui` in a folder on a free loopback port; returns its URL once it answers.
+
+    Every server (its whole process group) is stopped when the test ends.
+    """
+    servers: list[subprocess.Popen] = []
+
+    def start(cwd: Path) -> str:
+        port = free_port()
+        log = tmp_path / f"ui-{port}.log"
+        with log.open("w") as out:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "aevae", "ui", "--port", str(port)],
+                cwd=cwd, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        servers.append(server)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert server.poll() is None, f"aevae ui exited: {log.read_text()}"
+            try:
+                with urlopen(f"{url}/health", timeout=2):
+                    return url
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"aevae ui did not answer within 90 s: {log.read_text()}")
+
+    yield start
+    for server in servers:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(server.pid, signal.SIGKILL)  # whatever of the group is left (the uvicorn worker)
+        except ProcessLookupError:
+            pass
+        server.wait()

@@ -1,0 +1,82 @@
+"""The record versioned with DVC: snapshot, push to a local remote, clone to another path, pull, serve."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.request import urlopen
+
+from conftest import DEMO_RUNS, LATENT_PLOT, REPO, run_aevae
+from mlflow import MlflowClient
+
+from aevae import tracking
+from aevae.cli import main
+
+
+def sh(*command: str, cwd: Path) -> str:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
+    return result.stdout
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd)
+
+
+def git(*args: str, cwd: Path) -> str:
+    return sh("git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args, cwd=cwd)
+
+
+def test_record_survives_a_clone_to_another_path(demo_store, tmp_path, serve_ui):
+    origin, clone, remote = tmp_path / "origin", tmp_path / "elsewhere" / "clone", tmp_path / "remote"
+    origin.mkdir()
+    git("init", "-q", cwd=origin)
+    dvc("init", "-q", cwd=origin)
+    shutil.copy(REPO / ".dvcignore", origin)  # the project's: keeps the store's lock file out
+    dvc("config", "core.analytics", "false", cwd=origin)
+    dvc("remote", "add", "-d", "local", str(remote), cwd=origin)
+    shutil.copytree(demo_store / "mlruns", origin / "mlruns")
+    assert tracking.relocate(origin / "mlruns") > 0  # a moved record now points at its new folder
+    assert tracking.relocate(origin / "mlruns") == 0
+
+    snapshot = run_aevae("snapshot", cwd=origin)
+    assert snapshot.returncode == 0, snapshot.stderr
+    assert "pushed to DVC remote 'local'" in snapshot.stdout
+    git("add", "mlruns.dvc", ".gitignore", ".dvcignore", ".dvc/config", cwd=origin)
+    git("commit", "-q", "-m", "snapshot", cwd=origin)
+    git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    shutil.rmtree(origin)  # nothing may still point at the old folder
+    dvc("pull", "-q", cwd=clone)
+    assert not (clone / "mlruns" / tracking.LOCK_NAME).exists()
+
+    url = serve_ui(clone)
+    client = MlflowClient(url)
+    runs = {run.info.run_name: run for run in client.search_runs([client.get_experiment_by_name("demo").experiment_id])}
+    assert set(runs) == set(DEMO_RUNS)
+    assert runs["vae-z4-b1-s0"].info.artifact_uri.startswith((clone / "mlruns" / "artifacts").resolve().as_uri())
+    for name in DEMO_RUNS[1:]:
+        with urlopen(f"{url}/get-artifact?path={LATENT_PLOT}&run_uuid={runs[name].info.run_id}", timeout=30) as plot:
+            assert plot.status == 200 and plot.read().startswith(b"\x89PNG\r\n\x1a\n")
+
+    busy = run_aevae("snapshot", cwd=clone)  # the UI server holds the record
+    assert busy.returncode == 2 and "mlruns: a training, sweep or `aevae ui` is using it" in busy.stderr
+
+
+def test_snapshot_refuses_while_a_writer_or_a_run_is_active(demo_store, tmp_path, monkeypatch, capsys):
+    shutil.copytree(demo_store / "mlruns", tmp_path / "mlruns")
+    (tmp_path / ".dvc").mkdir()  # refused before dvc runs
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    opened = "import sys; from aevae import tracking; tracking.open_store(sys.argv[1]); print('open', flush=True); input()"
+    with subprocess.Popen([sys.executable, "-c", opened, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as writer:
+        assert writer.stdout.readline() == b"open\n"  # as `aevae train` holds it until it exits
+        assert main(["snapshot"]) == 2
+        writer.stdin.close()
+    assert "mlruns: a training, sweep or `aevae ui` is using it" in capsys.readouterr().err
+
+    client = MlflowClient(uri)
+    run = client.create_run(client.get_experiment_by_name("demo").experiment_id, run_name="vae-z2-b1-s0")
+    assert main(["snapshot"]) == 2
+    assert f"mlruns: 1 run(s) still RUNNING, e.g. vae-z2-b1-s0 ({run.info.run_id})" in capsys.readouterr().err
