@@ -213,7 +213,8 @@ class LatentAutoencoder(pl.LightningModule):
             metrics[f"{stage}/nelbo"] = reconstruction + kl
             metrics[f"{stage}/active_units"] = (kl_per_dim > ACTIVE_UNIT_KL).sum().float()
             metrics.update({f"{stage}/kl_dim_{i}": value for i, value in enumerate(kl_per_dim)})
-        self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=False)
+        # Already summed over ranks, so identical everywhere; sync_dist=True only tells Lightning so.
+        self.log_dict(metrics, prog_bar=False, sync_dist=True)
         if stage == "val":
             self.log("val_loss", loss, prog_bar=True, logger=False)
 
