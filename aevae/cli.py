@@ -21,7 +21,17 @@ def train(args: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot}
+def analyze(args: Sequence[str]) -> int:
+    """Recompute a run's latent-space analysis from its logged checkpoint and add it to the run."""
+    from aevae.analysis import analyze_run
+
+    uri, latent = analyze_run(args)
+    print(" ".join(f"{key}={value:.4g}" for key, value in latent.scores.items() if not key.startswith("kl_dim")))
+    print(f"analysis logged under latent/: {mask_secrets(uri)}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "analyze": analyze}
 
 
 def usage() -> str:

@@ -13,7 +13,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from aevae import tracking
+from aevae import analysis, tracking
 from aevae.data import ImageDataModule
 from aevae.errors import UsageError
 from aevae.models import LatentAutoencoder
@@ -54,7 +54,7 @@ class FitOptions:
 
 
 def build_parser() -> ArgumentParser:
-    """The experiment config: seed, model (AE or VAE), data, trainer, tracking, fit."""
+    """The experiment config: seed, model (AE or VAE), data, trainer, tracking, fit, analysis."""
     parser = ArgumentParser(prog="aevae train", exit_on_error=False, default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML experiment config (experiments/*.yaml)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, batch order and sampling")
@@ -63,6 +63,7 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(pl.Trainer, "trainer", skip=_TRAINER_SKIP, fail_untyped=False, instantiate=False)
     parser.add_class_arguments(TrackingOptions, "tracking", instantiate=False)
     parser.add_class_arguments(FitOptions, "fit", instantiate=False)
+    parser.add_class_arguments(analysis.AnalysisOptions, "analysis", instantiate=False)
     return parser
 
 
@@ -115,6 +116,7 @@ class TrainingResult:
     trainer: pl.Trainer
     best_checkpoint: str | None
     metrics: dict[str, float] = field(default_factory=dict)
+    latent: analysis.Analysis | None = None  # the latent-space analysis of the best checkpoint
 
 
 def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
@@ -161,6 +163,11 @@ def run_training(
     parser = build_parser()
     model, datamodule = instantiate(config, parser)
     datamodule.setup("fit")  # a missing data file fails here, before any run exists
+    latent_options = analysis.AnalysisOptions(**config.analysis.as_dict())
+    if latent_options.enabled:
+        analysis.check(model, datamodule, latent_options)
+        if latent_options.every_n_epochs:
+            callbacks = [*callbacks, analysis.PeriodicAnalysis(latent_options)]
     tracking_uri = tracking.open_store(config.tracking.uri or tracking.default_tracking_uri())
 
     run_tags = {
@@ -194,7 +201,13 @@ def run_training(
         if client is not None and best:
             client.log_artifact(run_id, best, "checkpoints")
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
-        return TrainingResult(run_id, tracking_uri, model, datamodule, trainer, best, metrics)
+        latent = None
+        if client is not None and latent_options.enabled:
+            latent = analysis.analyze_into_run(
+                client, run_id, model, datamodule, latent_options, trainer.current_epoch, best
+            )
+            metrics.update(latent.scores)
+        return TrainingResult(run_id, tracking_uri, model, datamodule, trainer, best, metrics, latent)
     except BaseException as err:
         error = err
         raise

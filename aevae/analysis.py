@@ -1,0 +1,435 @@
+"""Latent-space analysis of a trained AE or VAE: codes, 2-D projections, cluster scores, probes, pictures.
+
+`analyze` is a pure function of a model and its data; `log_analysis` is the one place that writes
+an analysis into an MLflow run; `analyze_run` is `aevae analyze`. sklearn, umap and matplotlib are
+imported where they are used, so that commands which never analyse start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from jsonargparse import ArgumentParser
+from jsonargparse.typing import PositiveInt
+
+from aevae.data import ImageDataModule
+from aevae.errors import UsageError
+from aevae.models import ACTIVE_UNIT_KL, LatentAutoencoder, gaussian_kl_per_dim
+
+ARTIFACT_DIR = "latent"
+PROJECTIONS = ("pca", "umap")
+AXIS_NAMES = {"pca": "PC", "umap": "UMAP"}
+KNN_NEIGHBOURS = 5
+UMAP_NEIGHBOURS = 15
+UMAP_EPOCHS = 200
+TRAVERSAL_MAX_DIM = 4
+TRAVERSAL_RANGE = 3.0  # prior standard deviations either side of 0
+Labelled = tuple[torch.Tensor, np.ndarray]  # images [N, 1, 28, 28], labels [N]
+
+
+@dataclass
+class AnalysisOptions:
+    """Latent-space analysis of the trained model, logged into its run (metrics, and artifacts under ``latent/``).
+
+    Args:
+        enabled: analyse the best checkpoint at the end of fit.
+        split: the split that is encoded, projected and scored; the probes learn from the train split's codes.
+        every_n_epochs: also analyse the current weights every N epochs during fit (None: only at the end).
+        umap: compute the UMAP projection (the slowest step) as well as PCA.
+        sample_size: points scored by silhouette, which costs O(n^2); drawn with ``seed``.
+        sample_posterior: VAE: analyse one posterior sample per image instead of the posterior mean.
+        seed: seed of every random choice in the analysis (silhouette sample, UMAP, posterior and prior samples).
+    """
+
+    enabled: bool = True
+    split: Literal["test", "val"] = "test"
+    every_n_epochs: PositiveInt | None = None
+    umap: bool = True
+    sample_size: PositiveInt = 5000
+    sample_posterior: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Codes:
+    """One split, encoded. ``z`` is what gets projected and scored: the AE's code, the VAE's mean or a sample."""
+
+    z: np.ndarray  # [N, D] float32
+    labels: np.ndarray  # [N] int64
+    logvar: np.ndarray | None = None  # VAE posterior log-variance (its mean is z unless sampled)
+    mean: np.ndarray | None = None  # VAE posterior mean
+
+
+@dataclass
+class Analysis:
+    kind: str
+    split: str
+    codes: Codes
+    train: Codes
+    projections: dict[str, np.ndarray]  # name -> [N, 2]
+    scores: dict[str, float]
+    grids: dict[str, np.ndarray]  # picture name -> images [rows, cols, 28, 28] in [0, 1]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step
+
+
+@contextmanager
+def timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients, restoring the caller's mode (the analysis may run mid-fit)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# --- checks: run before anything is logged --------------------------------------------------
+
+
+def labelled_split(datamodule: ImageDataModule, split: str) -> Labelled:
+    """Images and labels of a split; a split without (at least two classes of) labels is a UsageError."""
+    datamodule.setup()
+    data = datamodule.splits.get(split)
+    if data is None:
+        raise UsageError(f"analysis.split: no split {split!r}; choose one of {', '.join(datamodule.splits)}")
+    labels = None if data.labels is None else np.asarray(data.labels, dtype=np.int64)
+    if labels is None or len(labels) == 0 or (labels < 0).any() or len(np.unique(labels)) < 2:
+        raise UsageError(f"analysis.split: split {split!r} has no labels; silhouette and probes need labelled digits")
+    return data.images, labels
+
+
+def check(model: LatentAutoencoder, datamodule: ImageDataModule, options: AnalysisOptions) -> tuple[Labelled, Labelled]:
+    """The analysed split and the train split (images, labels), failing on what would stop the analysis.
+
+    Called before a run exists, so that bad input leaves nothing logged half-way.
+    """
+    if model.latent_dim < 2:
+        raise UsageError(
+            f"model.latent_dim: a 2-D projection needs latent_dim >= 2, got {model.latent_dim}; "
+            "or set analysis.enabled false"
+        )
+    return labelled_split(datamodule, options.split), labelled_split(datamodule, "train")
+
+
+# --- encoding, projections, scores -----------------------------------------------------------
+
+
+def encode(
+    model: LatentAutoencoder, images: torch.Tensor, labels: np.ndarray, sample: bool = False,
+    seed: int = 0, batch_size: int = 1000,
+) -> Codes:  # fmt: skip
+    """Codes of images: the AE's z, the VAE's posterior mean, or (sample) one seeded posterior sample."""
+    generator = torch.Generator().manual_seed(seed)
+    zs, means, logvars = [], [], []
+    with evaluating(model):
+        for batch in images.split(batch_size):
+            mean, logvar = model.forward_encoder(batch.to(model.device))
+            mean = mean.float().cpu()
+            z = mean
+            if logvar is not None:
+                logvar = logvar.float().cpu()
+                logvars.append(logvar)
+                if sample:
+                    z = mean + torch.randn(mean.shape, generator=generator) * (0.5 * logvar).exp()
+            means.append(mean)
+            zs.append(z)
+    z = torch.cat(zs).numpy()
+    if not logvars:
+        return Codes(z, labels)
+    return Codes(z, labels, logvar=torch.cat(logvars).numpy(), mean=torch.cat(means).numpy())
+
+
+def orient(coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Flip each axis so that the centroid of the lowest label (digit 0) is on its positive side.
+
+    PCA and UMAP axes have arbitrary signs; one convention keeps pictures of different runs comparable.
+    """
+    centroid = coords[labels == labels.min()].mean(0)
+    return coords * np.where(centroid < 0, -1.0, 1.0).astype(coords.dtype)
+
+
+def pca_2d(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    return orient(PCA(n_components=2, svd_solver="full").fit_transform(z), labels)
+
+
+def umap_2d(z: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Seeded (hence single-threaded) UMAP on an exact k-NN graph from sklearn.
+
+    The exact graph replaces pynndescent, whose JIT compilation alone took ~45 s per process;
+    PCA initialisation is deterministic and several times faster than the spectral one on 10k points.
+    """
+    import umap
+    from sklearn.neighbors import NearestNeighbors
+
+    neighbours = min(UMAP_NEIGHBOURS, len(z) - 1)
+    distances, indices = NearestNeighbors(n_neighbors=neighbours).fit(z).kneighbors(z)
+    reducer = umap.UMAP(
+        n_components=2, n_neighbors=neighbours, n_epochs=UMAP_EPOCHS, init="pca", random_state=seed, n_jobs=1,
+        precomputed_knn=(indices, distances, None),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")  # we never call transform
+        return orient(reducer.fit_transform(z).astype(np.float32), labels)
+
+
+def sample_index(n: int, sample_size: int, seed: int) -> np.ndarray:
+    """The points silhouette scores: all of them, or a seeded subset (the same one in every space)."""
+    if n <= sample_size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:sample_size])
+
+
+def silhouette(points: np.ndarray, labels: np.ndarray, sample_size: int = 5000, seed: int = 0) -> float:
+    """Mean silhouette of the labels (1: compact, separate classes; 0: overlapping), on a seeded sample."""
+    from sklearn.metrics import silhouette_score
+
+    index = sample_index(len(labels), sample_size, seed)
+    return float(silhouette_score(points[index], labels[index]))
+
+
+def probe_scores(train: Codes, test: Codes) -> dict[str, float]:
+    """How much digit identity the codes hold: k-NN and a logistic-regression probe, train -> test codes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    knn = KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS).fit(train.z, train.labels)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(train.z, train.labels)
+    return {"knn_acc": float(knn.score(test.z, test.labels)), "probe_acc": float(probe.score(test.z, test.labels))}
+
+
+def kl_scores(codes: Codes) -> dict[str, float]:
+    """VAE: KL(q(z|x) || p(z)) per dimension averaged over the split, and how many dimensions are active."""
+    kl = gaussian_kl_per_dim(torch.from_numpy(codes.mean), torch.from_numpy(codes.logvar)).mean(0)
+    return {"active_units": float((kl > ACTIVE_UNIT_KL).sum()), **{f"kl_dim_{i}": float(v) for i, v in enumerate(kl)}}
+
+
+# --- pictures ---------------------------------------------------------------------------------
+
+
+def picture_grids(model: LatentAutoencoder, images: torch.Tensor, labels: np.ndarray, seed: int) -> dict[str, Any]:
+    """Reconstructions of the first image of each digit; for the VAE prior samples and a latent traversal."""
+    first = [int(np.flatnonzero(labels == digit)[0]) for digit in np.unique(labels)]
+    with evaluating(model):
+        x = images[first].to(model.device)
+        grids = {"reconstructions": torch.stack([x, model.reconstruct(x)])}
+        if model.kind == "vae":
+            z = torch.randn(64, model.latent_dim, generator=torch.Generator().manual_seed(seed))
+            grids["prior_samples"] = torch.sigmoid(model.decode(z.to(model.device))).view(8, 8, *x.shape[1:])
+            if model.latent_dim <= TRAVERSAL_MAX_DIM:
+                values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, 9)
+                z = torch.zeros(model.latent_dim, len(values), model.latent_dim)
+                for dim in range(model.latent_dim):
+                    z[dim, :, dim] = values
+                decoded = torch.sigmoid(model.decode(z.flatten(0, 1).to(model.device)))
+                grids["traversal"] = decoded.view(model.latent_dim, len(values), *x.shape[1:])
+    return {name: grid[:, :, 0].float().cpu().numpy() for name, grid in grids.items()}
+
+
+def scatter(ax: Any, coords: np.ndarray, labels: np.ndarray, title: str, projection: str, legend: bool = True) -> None:
+    """The one scatter style: tab10 colour per digit, points drawn in a fixed shuffled order, equal axes."""
+    order = np.random.default_rng(0).permutation(len(labels))
+    colours = [f"C{label % 10}" for label in labels[order]]
+    ax.scatter(coords[order, 0], coords[order, 1], c=colours, s=3, alpha=0.6, linewidths=0, rasterized=True)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(f"{AXIS_NAMES[projection]}1")
+    ax.set_ylabel(f"{AXIS_NAMES[projection]}2")
+    ax.set_aspect("equal", adjustable="datalim")
+    if legend:
+        ax.legend(handles=digit_handles(np.unique(labels)), fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+
+
+def digit_handles(digits: Sequence[int]) -> list[Any]:
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], marker="o", linestyle="", color=f"C{d % 10}", label=str(d)) for d in digits]
+
+
+def projection_title(analysis: Analysis, projection: str) -> str:
+    score = analysis.scores[f"silhouette_{projection}"]
+    return f"{analysis.kind.upper()} {projection.upper()} of {analysis.split} codes, silhouette {score:.3f}"
+
+
+def image_grid(images: np.ndarray, title: str) -> Any:
+    """rows x cols of 28x28 images in [0, 1] as one figure."""
+    from matplotlib.figure import Figure
+
+    rows, cols, height, width = images.shape
+    tiled = images.transpose(0, 2, 1, 3).reshape(rows * height, cols * width)
+    figure = Figure(figsize=(0.6 * cols, 0.6 * rows + 0.4))
+    ax = figure.add_subplot()
+    ax.imshow(tiled, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    return figure
+
+
+GRID_TITLES = {
+    "reconstructions": "inputs (top) and reconstructions",
+    "prior_samples": "samples from the prior N(0, I)",
+    "traversal": f"traversal: one latent dimension per row, -{TRAVERSAL_RANGE:g} to +{TRAVERSAL_RANGE:g}",
+}
+
+
+def write_analysis(analysis: Analysis, folder: Path) -> list[Path]:
+    """PNGs, the codes (.npz, with labels and projections) and scores.json into folder."""
+    from matplotlib.figure import Figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with timed(analysis.timings, "plots"):
+        for name, coords in analysis.projections.items():
+            figure = Figure(figsize=(5.5, 4.5), layout="constrained")
+            scatter(figure.add_subplot(), coords, analysis.codes.labels, projection_title(analysis, name), name)
+            figure.savefig(folder / f"{name}.png", dpi=100)
+        for name, images in analysis.grids.items():
+            image_grid(images, f"{analysis.kind.upper()} {GRID_TITLES[name]}").savefig(
+                folder / f"{name}.png", dpi=100, bbox_inches="tight"
+            )
+    arrays = {"z": analysis.codes.z, "labels": analysis.codes.labels, "train_z": analysis.train.z,
+              "train_labels": analysis.train.labels, **analysis.projections}  # fmt: skip
+    if analysis.codes.logvar is not None:
+        arrays.update(mean=analysis.codes.mean, logvar=analysis.codes.logvar)
+    np.savez_compressed(folder / "codes.npz", **arrays)
+    (folder / "scores.json").write_text(json.dumps({"split": analysis.split, **analysis.scores}, indent=1))
+    return sorted(folder.iterdir())
+
+
+# --- the analysis, and its record in MLflow ----------------------------------------------------
+
+
+def analyze(model: LatentAutoencoder, datamodule: ImageDataModule, options: AnalysisOptions) -> Analysis:
+    """Encode the split (and train, for the probes), project, score and draw. Deterministic given options.seed."""
+    (images, labels), (train_images, train_labels) = check(model, datamodule, options)
+    timings: dict[str, float] = {}
+    with timed(timings, "encode"):
+        codes = encode(model, images, labels, options.sample_posterior, options.seed)
+        train = encode(model, train_images, train_labels, options.sample_posterior, options.seed + 1)
+    with timed(timings, "pca"):
+        projections = {"pca": pca_2d(codes.z, labels)}
+    if options.umap:
+        with timed(timings, "umap"):
+            projections["umap"] = umap_2d(codes.z, labels, options.seed)
+    with timed(timings, "silhouette"):
+        scores = {"silhouette_latent": silhouette(codes.z, labels, options.sample_size, options.seed)}
+        for name, coords in projections.items():
+            scores[f"silhouette_{name}"] = silhouette(coords, labels, options.sample_size, options.seed)
+    with timed(timings, "probes"):
+        scores.update(probe_scores(train, codes))
+    if codes.logvar is not None:
+        scores.update(kl_scores(codes))
+    with timed(timings, "plots"):
+        grids = picture_grids(model, images, labels, options.seed)
+    return Analysis(model.kind, options.split, codes, train, projections, scores, grids, timings)
+
+
+def log_analysis(client: Any, run_id: str, analysis: Analysis, step: int, artifact_path: str = ARTIFACT_DIR) -> None:
+    """Scores as metrics at ``step`` and the files under ``artifact_path``; everything is written locally first."""
+    from mlflow.entities import Metric
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_analysis(analysis, Path(folder))
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in analysis.scores.items()])
+        client.log_artifacts(run_id, folder, artifact_path)
+
+
+def load_weights(model: LatentAutoencoder, checkpoint: str | Path) -> None:
+    """The weights of a Lightning checkpoint (tensors only: nothing in the file is executed)."""
+    state = torch.load(checkpoint, map_location=model.device, weights_only=True)
+    model.load_state_dict(state["state_dict"])
+
+
+def analyze_into_run(
+    client: Any, run_id: str, model: LatentAutoencoder, datamodule: ImageDataModule,
+    options: AnalysisOptions, step: int, checkpoint: str | Path | None = None,
+) -> Analysis:  # fmt: skip
+    """Analyse the checkpoint's weights (or the model as it is) and log the analysis into the run."""
+    if checkpoint:
+        load_weights(model, checkpoint)
+    latent = analyze(model, datamodule, options)
+    log_analysis(client, run_id, latent, step)
+    return latent
+
+
+class PeriodicAnalysis(pl.Callback):
+    """Analyse the current weights every N epochs into the run, under ``latent/epoch_NNN`` (rank 0 only)."""
+
+    def __init__(self, options: AnalysisOptions) -> None:
+        self.options = options
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if trainer.sanity_checking or not trainer.is_global_zero or (epoch + 1) % self.options.every_n_epochs:
+            return
+        latent = analyze(pl_module, trainer.datamodule, self.options)
+        folder = f"{ARTIFACT_DIR}/epoch_{epoch:03d}"
+        log_analysis(trainer.logger.experiment, trainer.logger.run_id, latent, epoch, folder)
+
+
+# --- aevae analyze -------------------------------------------------------------------------------
+
+
+def analyze_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="aevae analyze", exit_on_error=False, default_meta=False)
+    parser.add_argument("--run-id", type=str, required=True, help="MLflow run id of a training run")
+    parser.add_argument("--tracking-uri", type=str, default=None, help="default: $MLFLOW_TRACKING_URI or ./mlruns")
+    parser.add_class_arguments(AnalysisOptions, skip={"enabled", "every_n_epochs"})
+    return parser
+
+
+def fetch_run_files(client: Any, run_id: str, folder: str) -> tuple[Path, Path]:
+    """The run's config.yaml and best checkpoint, downloaded; a missing run or file is a UsageError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        raise UsageError(f"run-id: no run {run_id!r} in this tracking store") from err
+    logged = {item.path for path in ("", "checkpoints") for item in client.list_artifacts(run_id, path)}
+    for needed in ("config.yaml", "checkpoints/best.ckpt"):
+        if needed not in logged:
+            raise UsageError(f"run-id: run {run_id} has no {needed} artifact; was it trained by aevae and finished?")
+    config = client.download_artifacts(run_id, "config.yaml", folder)
+    checkpoint = client.download_artifacts(run_id, "checkpoints/best.ckpt", folder)
+    return Path(config), Path(checkpoint)
+
+
+def analyze_run(args: Sequence[str]) -> tuple[str, Analysis]:
+    """`aevae analyze --run-id ID`: analyse the run's best checkpoint again and add it to the run."""
+    from mlflow import MlflowClient
+
+    from aevae import tracking, training
+
+    cli = training.parse_config(args, analyze_parser())
+    options = AnalysisOptions(**{key: value for key, value in cli.items() if key not in ("run_id", "tracking_uri")})
+    uri = cli.tracking_uri or tracking.default_tracking_uri()
+    if tracking.local_store_dir(uri) is not None and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UsageError(f"tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}")  # don't create one
+    client = MlflowClient(tracking.open_store(uri))
+    with tempfile.TemporaryDirectory() as folder:
+        config_path, checkpoint = fetch_run_files(client, cli.run_id, folder)
+        model, datamodule = training.instantiate(training.parse_config(["--config", str(config_path)]))
+        history = client.get_metric_history(cli.run_id, "silhouette_pca")
+        step = max((metric.step for metric in history), default=0)  # newest value at the latest step
+        return uri, analyze_into_run(client, cli.run_id, model, datamodule, options, step, checkpoint)
