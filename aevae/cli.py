@@ -31,7 +31,18 @@ def analyze(args: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "analyze": analyze}
+def compare(args: Sequence[str]) -> int:
+    """Train AE and VAE over seeds (experiments/ae_vs_vae.yaml): side-by-side figure and score table."""
+    from aevae.compare import run_compare
+
+    result = run_compare(args)
+    print(result.markdown)
+    print(f"figure: {result.figure}")
+    print(f"parent run {result.parent_run_id}: {mask_secrets(result.tracking_uri)}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "analyze": analyze, "compare": compare}
 
 
 def usage() -> str:
