@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Callable, Sequence
@@ -42,7 +43,14 @@ def compare(args: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "analyze": analyze, "compare": compare}
+def reproduce(args: Sequence[str]) -> int:
+    """Retrain a finished run or a sweep's best trial on any devices; compare; register the model."""
+    from aevae.reproduce import reproduce_command
+
+    return reproduce_command(args)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "analyze": analyze, "compare": compare, "reproduce": reproduce}
 
 
 def usage() -> str:
@@ -62,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aevae: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     os.environ.setdefault("MPLBACKEND", "Agg")  # headless plots; set before matplotlib is imported
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep MLflow's database INFO lines off stderr
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # the same where mlflow was imported already
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return handler(args)
     except UsageError as err:

@@ -13,7 +13,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from aevae import analysis, tracking
+from aevae import analysis, distributed, tracking
 from aevae.data import ImageDataModule
 from aevae.errors import UsageError
 from aevae.models import LatentAutoencoder
@@ -124,7 +124,7 @@ def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] 
     checkpoints = ModelCheckpoint(
         monitor=MONITOR, mode="min", save_top_k=1, save_last=True, filename="best", enable_version_counter=False
     )
-    all_callbacks: list[Callback] = [checkpoints, *callbacks]
+    all_callbacks: list[Callback] = [checkpoints, distributed.RankAgreement(), *callbacks]
     if config.fit.early_stopping_patience:
         all_callbacks.append(EarlyStopping(monitor=MONITOR, mode="min", patience=config.fit.early_stopping_patience))
     trainer_options = {key: value for key, value in config.trainer.items() if value is not None or key == "max_epochs"}
