@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from aevae.errors import UsageError
+from aevae.errors import TrainingDiverged, UsageError
 from aevae.tracking import mask_secrets
 from aevae.ui import snapshot, ui
 
@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"aevae {command}: error: {mask_secrets(str(err))}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:  # the run is recorded FAILED with the same message
+        print(f"aevae {command}: {mask_secrets(str(err))}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aevae.errors import UsageError
+from aevae.errors import TrainingDiverged, UsageError
 
 IMAGE_SHAPE = (1, 28, 28)
 IMAGE_PIXELS = 28 * 28
@@ -148,6 +148,9 @@ class LatentAutoencoder(pl.LightningModule):
         self.encoder = make_encoder(list(hidden_dims), self.encoder_outputs())
         self.decoder = make_decoder(list(hidden_dims), latent_dim)
         self._epoch_sums: dict[str, Tensor] = {}
+        self.nonfinite_policy = "stop"  # the trainer factory sets fit.on_nonfinite here
+        self.skipped_batches = 0
+        self.last_finite_loss: Tensor | None = None
 
     # --- what a subclass defines -------------------------------------------------------
     kind = "base"
@@ -177,20 +180,43 @@ class LatentAutoencoder(pl.LightningModule):
         """Mean images in [0, 1] decoded from the deterministic codes."""
         return torch.sigmoid(self.decode(self.encode(x)))
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _accumulate(self, stage: str, terms: LossTerms, n: int) -> None:
+        """Running sums for exact per-image epoch means (no per-step sync or logging)."""
+        summary = torch.cat([torch.stack([terms.loss, terms.reconstruction, terms.kl]), terms.kl_per_dim])
+        increment = torch.cat([summary.detach() * n, summary.new_tensor([float(n)])])
+        running = self._epoch_sums.get(stage)
+        self._epoch_sums[stage] = increment if running is None else running + increment
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, _ = batch
+        self._accumulate(stage, self.loss_terms(x, self(x)), len(x))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, _ = batch
         terms = self.loss_terms(x, self(x))
-        summary = torch.cat([torch.stack([terms.loss, terms.reconstruction, terms.kl]), terms.kl_per_dim])
-        n = x.new_tensor([float(len(x))])
-        running = self._epoch_sums.get(stage)
-        increment = torch.cat([summary.detach() * len(x), n])
-        self._epoch_sums[stage] = increment if running is None else running + increment
+        if not torch.isfinite(terms.loss):
+            self._non_finite(f"loss is {terms.loss.item()}")
+            return None  # skipped: no backward, no optimizer step
+        self._accumulate("train", terms, len(x))
+        self.last_finite_loss = terms.loss.detach()
+        self.log("loss", terms.loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return terms.loss
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._step(batch, "train")
-        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
-        return loss
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            self._non_finite("gradients are not finite")
+            optimizer.zero_grad(set_to_none=True)  # skipping: the optimizer leaves grad-less weights alone
+
+    def _non_finite(self, what: str) -> None:
+        """Stop at once (the run fails with this message; the last good checkpoint stays), or,
+        with fit.on_nonfinite=skip, skip the batch and count it."""
+        if self.nonfinite_policy != "skip":
+            last = "none" if self.last_finite_loss is None else f"{float(self.last_finite_loss):.6g}"
+            where = f"epoch {self.current_epoch}, step {self.global_step}"
+            raise TrainingDiverged(f"training diverged at {where}: {what}; last finite loss {last}")
+        self.skipped_batches += 1
+        self.log("train/skipped_batches", float(self.skipped_batches), on_step=False, on_epoch=True, reduce_fx="max")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

@@ -6,7 +6,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -15,6 +15,13 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from aevae import analysis, distributed, tracking
 from aevae.data import ImageDataModule
+from aevae.checkpoints import (
+    AtomicCheckpointIO,
+    RandomState,
+    check_compatible,
+    check_room_for_checkpoints,
+    read_checkpoint,
+)
 from aevae.errors import UsageError
 from aevae.models import LatentAutoencoder
 
@@ -46,11 +53,16 @@ class FitOptions:
         early_stopping_patience: stop after this many epochs without a better val/loss (None: off).
         checkpoint_dir: local folder for last/best checkpoints (the best is also logged to MLflow).
         test: evaluate the best checkpoint on the test split after fit.
+        resume: an MLflow run id: continue that run from its last checkpoint, logging into the same run.
+        on_nonfinite: on a NaN/inf loss or gradient, ``stop`` (the run fails, its last good checkpoint
+            stays) or ``skip`` the batch and count it (single device only).
     """
 
     early_stopping_patience: PositiveInt | None = None
     checkpoint_dir: str = "checkpoints"
     test: bool = True
+    resume: str | None = None
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 def build_parser() -> ArgumentParser:
@@ -122,9 +134,10 @@ class TrainingResult:
 def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
     """The one Trainer factory: config's trainer options plus aevae's checkpointing and early stopping."""
     checkpoints = ModelCheckpoint(
-        monitor=MONITOR, mode="min", save_top_k=1, save_last=True, filename="best", enable_version_counter=False
-    )
-    all_callbacks: list[Callback] = [checkpoints, distributed.RankAgreement(), *callbacks]
+        monitor=MONITOR, mode="min", save_top_k=1, save_last=True, filename="best", enable_version_counter=False,
+        save_on_train_epoch_end=True,  # after the whole epoch, so a resume starts at a clean epoch boundary
+    )  # fmt: skip
+    all_callbacks: list[Callback] = [checkpoints, RandomState(), distributed.RankAgreement(), *callbacks]
     if config.fit.early_stopping_patience:
         all_callbacks.append(EarlyStopping(monitor=MONITOR, mode="min", patience=config.fit.early_stopping_patience))
     trainer_options = {key: value for key, value in config.trainer.items() if value is not None or key == "max_epochs"}
@@ -133,6 +146,7 @@ def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] 
             **trainer_options,
             logger=logger,
             callbacks=all_callbacks,
+            plugins=[AtomicCheckpointIO()],
             default_root_dir=config.fit.checkpoint_dir,
         )
     except (ValueError, TypeError, RuntimeError) as err:  # e.g. an accelerator that is not there
@@ -169,6 +183,9 @@ def run_training(
         if latent_options.every_n_epochs:
             callbacks = [*callbacks, analysis.PeriodicAnalysis(latent_options)]
     tracking_uri = tracking.open_store(config.tracking.uri or tracking.default_tracking_uri())
+    check_room_for_checkpoints(model, Path(config.fit.checkpoint_dir))
+    resume = resume_point(config, model, tracking_uri)
+    model.nonfinite_policy = config.fit.on_nonfinite
 
     run_tags = {
         "model_kind": model.kind,
@@ -185,22 +202,26 @@ def run_training(
         tracking_uri=tracking_uri,
         tags=run_tags,
         artifact_location=tracking.artifact_location(tracking_uri),
+        run_id=resume.run_id if resume else None,
     )
     trainer = build_trainer(config, logger, callbacks)
     client: MlflowClient | None = logger.experiment if trainer.is_global_zero else None
     run_id = logger.run_id if trainer.is_global_zero else None
     error: BaseException | None = None
     try:
-        if client is not None:
+        if client is not None and resume:
+            client.update_run(run_id, status="RUNNING")
+        elif client is not None:
             logger.log_hyperparams(tracking.flatten(config.as_dict()))
             _log_config(client, run_id, parser, config)
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}  # last epoch's
         best = trainer.checkpoint_callback.best_model_path or None
         if config.fit.test:
             trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+            metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
         if client is not None and best:
             client.log_artifact(run_id, best, "checkpoints")
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         latent = None
         if client is not None and latent_options.enabled:
             latent = analysis.analyze_into_run(
@@ -214,6 +235,39 @@ def run_training(
     finally:
         if client is not None:
             tracking.close_run(client, run_id, error)
+
+
+@dataclass
+class ResumePoint:
+    run_id: str
+    checkpoint: Path
+
+
+RESUMABLE_CHANGES = ("fit.resume", "trainer.max_epochs")  # all else must match the run being resumed
+
+
+def resume_point(config: Namespace, model: LatentAutoencoder, tracking_uri: str) -> ResumePoint | None:
+    """The run named by fit.resume and its last checkpoint, checked against this config."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not config.fit.resume:
+        return None
+    try:
+        run = MlflowClient(tracking_uri).get_run(config.fit.resume)
+    except MlflowException as err:
+        raise UsageError(f"fit.resume: no run {config.fit.resume!r} in the tracking store") from err
+    if run.info.status == "FINISHED":
+        raise UsageError(f"fit.resume: run {run.info.run_id} has already finished")
+    for key, value in tracking.flatten(config.as_dict()).items():
+        recorded = run.data.params.get(key)
+        if recorded is not None and recorded != str(value) and key not in RESUMABLE_CHANGES:
+            raise UsageError(f"fit.resume: {key} is {value}, but run {run.info.run_id} was trained with {recorded}")
+    checkpoint = Path(config.fit.checkpoint_dir) / run.info.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise UsageError(f"fit.resume: run {run.info.run_id} has no last checkpoint at {checkpoint}")
+    check_compatible(read_checkpoint(checkpoint), model, checkpoint)
+    return ResumePoint(run.info.run_id, checkpoint)
 
 
 def _log_config(client: Any, run_id: str, parser: ArgumentParser, config: Namespace) -> None:

@@ -1,0 +1,188 @@
+"""Training faults: SIGKILL and resume, divergence, corrupt checkpoints, atomic saves, no room."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from aevae.checkpoints import AtomicCheckpointIO, load_weights, read_checkpoint
+from aevae.errors import TrainingDiverged, UsageError
+from aevae.models import VAE
+from aevae.training import parse_config, run_training
+from conftest import REPO, cli_env, run_aevae
+
+DEMO = str(REPO / "experiments" / "vae_demo.yaml")
+
+
+def tiny_args(tracking_uri: str, tmp_path: Path, epochs: int = 3) -> list[str]:
+    return [
+        "--config", DEMO, "--model.hidden_dims", "[32]", "--trainer.max_epochs", str(epochs),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--analysis.enabled", "false", "--tracking.uri", tracking_uri,
+        "--fit.checkpoint_dir", str(tmp_path / "checkpoints"),
+    ]  # fmt: skip
+
+
+def all_runs(tracking_uri: str) -> list:
+    client = MlflowClient(tracking_uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    reference_uri = f"sqlite:///{tmp_path / 'reference' / 'mlflow.db'}"
+    reference = run_training(parse_config(tiny_args(reference_uri, tmp_path / "reference", epochs=4)))
+
+    uri = f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}"
+    args = tiny_args(uri, tmp_path / "killed", epochs=4)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "aevae", "train", *args], cwd=tmp_path, env=cli_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "killed" / "checkpoints").rglob("last.ckpt")):  # epoch 0 is done
+        assert worker.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    (killed,) = all_runs(uri)
+    assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
+
+    result = run_aevae("train", *args, "--fit.resume", killed.info.run_id, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (resumed,) = all_runs(uri)  # the same run, not a new one
+    assert resumed.info.status == "FINISHED"
+    client = MlflowClient(uri)
+    history = client.get_metric_history(resumed.info.run_id, "val/loss")
+    assert sorted({m.step for m in history}) == [0, 1, 2, 3]
+    final = {m.step: m.value for m in history}[3]
+    assert math.isclose(final, reference.metrics["val/loss"], rel_tol=0, abs_tol=1e-6)
+    assert math.isclose(resumed.data.metrics["test/loss"], reference.metrics["test/loss"], rel_tol=0, abs_tol=1e-6)
+
+
+class PoisonWeights(pl.Callback):
+    """A divergence on demand: NaN weights at epoch 1, batch 3."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 3:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+def test_divergence_stops_at_once_fails_the_run_keeps_last_good_checkpoint(tmp_path: Path, tracking_uri: str) -> None:
+    with pytest.raises(TrainingDiverged, match=r"training diverged at epoch 1, step 32: loss is nan; last finite loss \d"):
+        run_training(parse_config(tiny_args(tracking_uri, tmp_path)), callbacks=[PoisonWeights()])
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"].startswith("TrainingDiverged: training diverged at epoch 1, step 32")
+    (last,) = (tmp_path / "checkpoints").rglob("last.ckpt")
+    checkpoint = read_checkpoint(last)
+    assert checkpoint["epoch"] == 0  # the end of the last good epoch
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+def test_divergence_from_the_cli_is_one_line_exit_1(tmp_path: Path, tracking_uri: str) -> None:
+    result = run_aevae("train", *tiny_args(tracking_uri, tmp_path), "--model.lr", "1e8", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("aevae train: training diverged at epoch 0, step ")
+    assert all_runs(tracking_uri)[0].info.status == "FAILED"
+
+
+class PoisonOneBatch(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0 and batch_idx == 2:
+            batch[0][0, 0, 0, 0] = float("nan")
+
+
+def test_skip_policy_skips_and_counts_bad_batches(tmp_path: Path, tracking_uri: str) -> None:
+    config = parse_config([*tiny_args(tracking_uri, tmp_path, epochs=1), "--fit.on_nonfinite", "skip"])
+    result = run_training(config, callbacks=[PoisonOneBatch()])
+    assert result.model.skipped_batches == 1
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FINISHED" and run.data.metrics["train/skipped_batches"] == 1.0
+
+
+def test_corrupt_checkpoint_on_resume_is_one_line_and_untouched(tmp_path: Path, tracking_uri: str) -> None:
+    args = tiny_args(tracking_uri, tmp_path, epochs=1)
+    first = run_training(parse_config(args))
+    client = MlflowClient(tracking_uri)
+    client.set_terminated(first.run_id, "KILLED")  # as if it had been interrupted
+    (last,) = (tmp_path / "checkpoints").rglob("last.ckpt")
+    last.write_bytes(last.read_bytes()[:5000])  # truncated
+    before = last.read_bytes()
+    result = run_aevae("train", *args, "--fit.resume", first.run_id, cwd=tmp_path)
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.startswith(f"aevae train: error: checkpoint {last} is truncated or corrupt (") and "\n" not in line
+    assert last.read_bytes() == before
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "vae4.ckpt"
+    AtomicCheckpointIO().save_checkpoint(
+        {"state_dict": VAE(latent_dim=4, hidden_dims=[16]).state_dict(), "hyper_parameters": {"latent_dim": 4, "kl_weight": 1.0, "hidden_dims": [16]}},
+        path,
+    )
+    other = VAE(latent_dim=8, hidden_dims=[16])
+    with pytest.raises(UsageError, match="holds a vae latent_dim 4 hidden_dims \\[16\\]; the config builds a vae latent_dim 8"):
+        load_weights(other, path)
+    load_weights(VAE(latent_dim=4, hidden_dims=[16]), path)  # the right model loads
+    with pytest.raises(UsageError, match="is truncated or corrupt"):
+        path.write_bytes(b"\x00" * 100)
+        load_weights(other, path)
+
+
+SAVE_BIG = """
+import sys, torch
+from aevae.checkpoints import AtomicCheckpointIO
+print("saving", flush=True)
+AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(100_000_000)}}, sys.argv[1])
+"""
+
+
+def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    saver = subprocess.Popen([sys.executable, "-c", SAVE_BIG, str(path)], stdout=subprocess.PIPE, text=True, env=cli_env())
+    assert saver.stdout.readline().strip() == "saving"
+    time.sleep(0.4)  # 400 MB of tensor: the write is under way
+    saver.send_signal(signal.SIGKILL)
+    saver.wait()
+    state = read_checkpoint(path)["state_dict"]["w"]  # complete: old or new, never half
+    assert state.numel() in (3, 100_000_000)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".ckpt")] == ["last.ckpt"]
+
+
+def test_unwritable_or_full_folders_fail_before_any_run(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    result = run_aevae("train", *tiny_args(uri, tmp_path), "--fit.checkpoint_dir", str(blocker / "ckpt"), cwd=tmp_path)
+    assert result.returncode == 2 and f"fit.checkpoint_dir: cannot create {blocker / 'ckpt'}" in result.stderr
+    assert not all_runs(uri)
+
+    result = run_aevae("train", *tiny_args(f"sqlite:///{blocker / 'mlflow.db'}", tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "tracking.uri: cannot create the store folder" in result.stderr
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]).returncode:
+        pytest.fail("mounting a 1 MiB tmpfs needs root, as in CI")
+    try:
+        result = run_aevae("train", *tiny_args(uri, small), cwd=tmp_path)
+        assert result.returncode == 2
+        assert f"fit.checkpoint_dir: {small / 'checkpoints'} has 1 MiB free; checkpoints need about" in result.stderr
+        assert not all_runs(uri)
+    finally:
+        subprocess.run(["umount", str(small)])
