@@ -54,13 +54,24 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui,
 
 
 def usage() -> str:
-    lines = ["usage: aevae COMMAND [options]   (aevae COMMAND --help for a command's options)", "", "commands:"]
+    lines = [
+        "usage: aevae [--allow-import PACKAGE] COMMAND [options]   (aevae COMMAND --help for a command's options)",
+        "",
+        "--allow-import PACKAGE  let configs name classes from PACKAGE (default: only aevae and torch.nn)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<10} {handler.__doc__.splitlines()[0]}" for name, handler in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    while len(argv) >= 2 and argv[0] == "--allow-import":  # trust code outside aevae and torch.nn
+        from aevae.training import ALLOWED_IMPORTS
+
+        ALLOWED_IMPORTS.append(argv[1])
+        argv = argv[2:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

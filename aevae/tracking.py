@@ -60,7 +60,28 @@ def validate_tracking_uri(tracking_uri: str) -> str:
             raise UsageError(f"tracking.uri: cannot create the store folder {store} ({err.strerror})") from err
         if not os.access(store, os.W_OK):
             raise UsageError(f"tracking.uri: the store folder {store} is not writable")
+    else:
+        check_reachable(tracking_uri, scheme)
     return tracking_uri
+
+
+def check_reachable(tracking_uri: str, scheme: str, timeout_s: int = 10) -> None:
+    """A remote store answers within timeout_s, or we say so in one line (MLflow would retry for minutes)."""
+    try:
+        if scheme in ("http", "https"):
+            from urllib.request import urlopen
+
+            urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
+        elif scheme in ("postgresql", "mysql"):
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(tracking_uri, connect_args={"connect_timeout": timeout_s})
+            with engine.connect():
+                pass
+            engine.dispose()
+    except Exception as err:  # refused, unknown host, bad credentials, a missing driver
+        reason = mask_secrets(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise UsageError(f"tracking.uri: cannot reach {mask_secrets(tracking_uri)} ({reason[:300]})") from err
 
 
 def open_store(tracking_uri: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
+import jsonargparse
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
@@ -65,8 +66,17 @@ class FitOptions:
     on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
+ALLOWED_IMPORTS = ["aevae", "torch.nn"]  # class paths a config may name; more only by `aevae --allow-import`
+
+
+def allow_imports(extra: Sequence[str] = ()) -> None:
+    """Configs name classes by import path; refuse, before importing, any outside the allow-list."""
+    jsonargparse.set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=[*ALLOWED_IMPORTS, *extra])
+
+
 def build_parser() -> ArgumentParser:
     """The experiment config: seed, model (AE or VAE), data, trainer, tracking, fit, analysis."""
+    allow_imports()
     parser = ArgumentParser(prog="aevae train", exit_on_error=False, default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML experiment config (experiments/*.yaml)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, batch order and sampling")
