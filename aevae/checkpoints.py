@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from aevae.errors import UsageError
+from aevae.tracking import writable_folder
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -100,12 +101,7 @@ class RandomState(pl.Callback):
 def check_room_for_checkpoints(model: torch.nn.Module, folder: Path) -> None:
     """Before training: the folder must be creatable and writable, with room for last, best and one
     in-flight checkpoint (weights and two Adam moments each), so a full disk fails now, not at epoch 30."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"fit.checkpoint_dir: cannot create {folder} ({err.strerror})") from err
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"fit.checkpoint_dir: {folder} is not writable")
+    writable_folder(folder, "fit.checkpoint_dir")
     one = 3 * 4 * sum(p.numel() for p in model.parameters())
     need = 3 * one + 16 * 2**20
     free = shutil.disk_usage(folder).free

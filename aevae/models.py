@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -281,6 +281,8 @@ class AE(LatentAutoencoder):
 class VAE(LatentAutoencoder):
     """Gaussian VAE: q(z|x) = N(mean, exp(logvar)), prior N(0, I), loss = -log p(x|z) + beta * KL.
 
+    Takes every argument of LatentAutoencoder, and:
+
     Args:
         kl_weight: beta, the weight of the KL term (1 gives the ELBO; 0 with sample_latent=False is an AE).
         kl_warmup_epochs: ramp beta linearly from 0 over this many epochs (0: no warm-up).
@@ -290,22 +292,13 @@ class VAE(LatentAutoencoder):
     kind = "vae"
 
     def __init__(
-        self,
-        latent_dim: int = 4,
-        architecture: Literal["mlp", "conv"] = "mlp",
-        hidden_dims: list[int] = [512, 256],
-        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        kl_weight: float = 1.0,
-        kl_warmup_epochs: int = 0,
-        sample_latent: bool = True,
+        self, kl_weight: float = 1.0, kl_warmup_epochs: int = 0, sample_latent: bool = True, **kwargs: Any
     ) -> None:
         if kl_weight < 0 or not math.isfinite(kl_weight):
             raise UsageError(f"model.kl_weight must be a finite number >= 0, got {kl_weight}")
         if kl_warmup_epochs < 0:
             raise UsageError(f"model.kl_warmup_epochs must be >= 0, got {kl_warmup_epochs}")
-        super().__init__(latent_dim, architecture, hidden_dims, likelihood, lr, weight_decay)
+        super().__init__(**kwargs)  # the shared architecture, likelihood and optimizer arguments
         self.kl_weight = kl_weight
         self.kl_warmup_epochs = kl_warmup_epochs
         self.sample_latent = sample_latent

@@ -42,6 +42,16 @@ def local_store_dir(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len("sqlite:///") :]).parent
 
 
+def writable_folder(folder: Path, field: str) -> None:
+    """Create the folder if needed; a folder we cannot write to is the user's to fix, named by field."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{field}: cannot create {folder} ({err.strerror})") from err
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{field}: {folder} is not writable")
+
+
 def validate_tracking_uri(tracking_uri: str) -> str:
     """Check the URI's form (and, for a local store, that its folder is writable) before any run."""
     scheme = urlsplit(tracking_uri).scheme.split("+")[0]
@@ -54,12 +64,7 @@ def validate_tracking_uri(tracking_uri: str) -> str:
     if store is not None:
         if not tracking_uri.endswith(".db"):
             raise UsageError(f"tracking.uri: a SQLite store must name a .db file, got {tracking_uri!r}")
-        try:
-            store.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"tracking.uri: cannot create the store folder {store} ({err.strerror})") from err
-        if not os.access(store, os.W_OK):
-            raise UsageError(f"tracking.uri: the store folder {store} is not writable")
+        writable_folder(store, "tracking.uri")
     else:
         check_reachable(tracking_uri, scheme)
     return tracking_uri
