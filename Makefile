@@ -36,6 +36,7 @@ snapshot: install
 
 benchmarks: install
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/analysis.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

