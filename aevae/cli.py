@@ -22,6 +22,20 @@ def train(args: Sequence[str]) -> int:
     return 0
 
 
+def sweep(args: Sequence[str]) -> int:
+    """Run or resume an Optuna sweep (sweeps/*.yaml): one MLflow parent run, one child run per trial."""
+    from aevae.sweep import sweep_command
+
+    return sweep_command(args)
+
+
+def best(args: Sequence[str]) -> int:
+    """Print a study's best trial (or Pareto front): params, scores, MLflow run ids."""
+    from aevae.sweep import best_command
+
+    return best_command(args)
+
+
 def analyze(args: Sequence[str]) -> int:
     """Recompute a run's latent-space analysis from its logged checkpoint and add it to the run."""
     from aevae.analysis import analyze_run
@@ -50,7 +64,7 @@ def reproduce(args: Sequence[str]) -> int:
     return reproduce_command(args)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "analyze": analyze, "compare": compare, "reproduce": reproduce}
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "sweep": sweep, "best": best, "analyze": analyze, "compare": compare, "reproduce": reproduce}
 
 
 def usage() -> str:

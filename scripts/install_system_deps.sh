@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the tests need; installs only what is missing (root or sudo).
 set -euo pipefail
-packages=(dataset-fashion-mnist chromium chromium-driver)  # chromium: the browser test of `aevae ui`
+packages=(dataset-fashion-mnist chromium chromium-driver postgresql)  # chromium: the browser test of `aevae ui`; postgresql: the sweep tests start a throwaway server
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,0 +1,286 @@
+"""aevae sweep / aevae best: validation, the MLflow record, resume after SIGKILL, workers on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from aevae import cli, sweep
+from conftest import REPO, cli_env
+
+# A sweep that trains in about a second a trial: 5k embedded digits, one hidden layer, a few batches.
+TINY: dict[str, Any] = {
+    "experiment": str(REPO / "experiments" / "vae_demo.yaml"),
+    "overrides": {
+        "model.hidden_dims": [32],
+        "trainer.max_epochs": 2,
+        "trainer.limit_train_batches": 4,
+        "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False,
+        "analysis.enabled": False,
+    },
+    "space": {
+        "model.latent_dim": {"low": 2, "high": 8, "log": True},
+        "model.kl_weight": {"low": 0.01, "high": 10.0, "log": True},
+    },
+    "objectives": [{"metric": "val/nelbo", "direction": "minimize"}],
+    "n_trials": 3,
+    "heartbeat_interval": 1,
+    "grace_period": 3,
+}
+
+
+def write_sweep(folder: Path, **changes: Any) -> Path:
+    """TINY with top-level keys replaced (None removes one), as folder/tiny.yaml (study "tiny")."""
+    config = {key: value for key, value in {**TINY, **changes}.items() if value is not None}
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def local_storage(folder: Path) -> str:
+    return f"sqlite:///{folder / 'mlruns' / sweep.STORE_FILE}"
+
+
+def trials(storage: str, study: str = "tiny") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=storage).get_trials()
+
+
+def child_runs(folder: Path) -> list[Any]:
+    client = MlflowClient(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("demo").experiment_id)  # vae_demo.yaml's
+    return [run for run in runs if "optuna.trial" in run.data.tags]
+
+
+def check_one_run_per_trial(folder: Path, storage: str, n_trials: int) -> list[optuna.trial.FrozenTrial]:
+    """Exactly n_trials finished, numbers unique, each with exactly one MLflow child run (its user attr)."""
+    finished = [t for t in trials(storage) if t.state == TrialState.COMPLETE]
+    assert len(finished) == n_trials
+    assert sorted(t.number for t in finished) == list(range(n_trials))
+    runs = child_runs(folder)
+    assert sorted(int(run.data.tags["optuna.trial"]) for run in runs) == list(range(n_trials))
+    assert {run.info.run_id for run in runs} == {t.user_attrs[sweep.RUN_ID_ATTR] for t in finished}
+    return finished
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free loopback port, run as the postgres OS user when we are root."""
+    pg_ctl = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not pg_ctl:
+        pytest.skip("PostgreSQL is not installed: run `make system-deps`")
+    folder = Path(tempfile.mkdtemp(prefix="aevae-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(folder, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data, options = folder / "data", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*as_postgres, pg_ctl[-1].with_name("initdb"), "-D", data, "-U", "postgres", "-A", "trust", "-N"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*as_postgres, pg_ctl[-1], "-D", data, "-l", folder / "log", "-o", options, "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_postgres, pg_ctl[-1], "-D", data, "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+BAD_CONFIGS = [
+    ({"space": {"model.latnt_dim": {"low": 2, "high": 8}}}, "space.model.latnt_dim: no such key"),
+    ({"space": {"model.latent_dim": {"low": 4, "high": 4}}}, "empty range"),
+    ({"space": {"model.latent_dim": []}}, "empty list of choices"),
+    ({"space": {"model.latent_dim": {"low": 8, "high": 2}}}, "low (8) > high (2)"),
+    ({"space": {"model.kl_weight": {"low": 0.0, "high": 1.0, "log": True}}}, "log scale needs low > 0"),
+    ({"space": {"model.latent_dim": {"low": 0, "high": 8}}}, "model.latent_dim must be in 1..4096"),
+    ({"objectives": [{"metric": "val/elbo"}]}, "unknown metric 'val/elbo'"),
+    ({"objectives": [{"metric": "test/recon"}], "pruner": "median"}, "must be a val/ metric"),
+    ({"objectives": [{"metric": "silhouette_latent"}]}, "needs the latent analysis"),
+    ({"overrides": {**TINY["overrides"], "trainer.devices": 2}}, "one device"),
+    ({"storage": "postgresql://nobody@127.0.0.1:1/none"}, "storage: cannot open postgresql://nobody@127.0.0.1:1/none"),
+    ({"n_trials": None}, "set n_trials or timeout"),
+    ({"budget": 3}, "unknown key 'budget'"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_CONFIGS, ids=[message for _, message in BAD_CONFIGS])
+def test_bad_sweep_config_is_one_line_and_creates_nothing(in_tmp: Path, capsys, changes: dict, message: str) -> None:
+    code = cli.main(["sweep", "--config", str(write_sweep(in_tmp, **changes))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (in_tmp / "mlruns" / sweep.STORE_FILE).exists() and not (in_tmp / "mlruns" / "mlflow.db").exists()
+
+
+def test_shipped_sweeps_are_valid() -> None:
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        assert sweep.load_sweep(str(path)).study == path.stem
+    assert {"vae_latent_beta", "ae_latent"} <= {path.stem for path in (REPO / "sweeps").glob("*.yaml")}
+
+
+def test_multi_objective_sweep_records_parent_children_and_pareto_front(in_tmp: Path, capsys) -> None:
+    objectives = [
+        {"metric": "val/recon", "direction": "minimize"},
+        {"metric": "silhouette_latent", "direction": "maximize"},
+    ]
+    overrides = {**TINY["overrides"], "analysis.enabled": True, "analysis.umap": False, "analysis.sample_size": 200}
+    path = write_sweep(in_tmp, objectives=objectives, overrides=overrides)
+    assert cli.main(["sweep", "--config", str(path)]) == 0
+    finished = check_one_run_per_trial(in_tmp, local_storage(in_tmp), 3)
+
+    client = MlflowClient(f"sqlite:///{in_tmp / 'mlruns' / 'mlflow.db'}")
+    (parent,) = [
+        run
+        for run in client.search_runs(child_runs(in_tmp)[0].info.experiment_id)
+        if "optuna.trial" not in run.data.tags
+    ]
+    assert parent.info.status == "FINISHED" and parent.data.params["storage_kind"] == "sqlite"
+    assert {"space.model.latent_dim", "space.model.kl_weight", "sampler", "pruner"} <= set(parent.data.params)
+    plots = {f.path for f in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {
+        "optuna/pareto_front.png",
+        "optuna/pareto_front.json",
+        "optuna/contour_val_recon.png",
+        "optuna/trials.csv",
+    } <= plots
+    for run, trial in zip(sorted(child_runs(in_tmp), key=lambda r: int(r.data.tags["optuna.trial"])), finished):
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.data.tags["optuna.state"] == "COMPLETE"
+        assert int(run.data.params["model.latent_dim"]) == trial.params["model.latent_dim"]
+        assert run.data.metrics["silhouette_latent"] == pytest.approx(trial.values[1])
+        assert len(client.get_metric_history(run.info.run_id, "val/recon")) == 2  # one value per epoch
+        assert any(f.path.startswith("latent/") for f in client.list_artifacts(run.info.run_id, "latent"))
+
+    capsys.readouterr()
+    assert cli.main(["best", "--study", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "3 trials (3 complete)" in out and "Pareto front" in out and parent.info.run_id in out
+    pareto = optuna.load_study(study_name="tiny", storage=local_storage(in_tmp)).best_trials
+    assert pareto and all(t.user_attrs[sweep.RUN_ID_ATTR] in out for t in pareto)
+
+    assert cli.main(["sweep", "--config", str(path)]) == 0  # the same command again: nothing more to run
+    check_one_run_per_trial(in_tmp, local_storage(in_tmp), 3)
+
+
+def test_pruned_and_diverged_trials_are_recorded_and_the_sweep_goes_on(in_tmp: Path, capsys) -> None:
+    # Random draws with seed 4: lr 1e6 (NaN in the first epoch: FAIL), 1e-6, 1e-2, then 1e-6 again, which the
+    # median pruner stops after the first epoch: its val/loss is above the median of the two completed trials.
+    space = {"model.lr": [0.01, 1e-6, 1e6]}
+    objectives = [{"metric": "val/loss", "direction": "minimize"}]
+    pruner = {"name": "median", "n_startup_trials": 1}
+    path = write_sweep(
+        in_tmp, space=space, objectives=objectives, pruner=pruner, sampler={"name": "random", "seed": 4}, n_trials=4
+    )
+    assert cli.main(["sweep", "--config", str(path)]) == 0
+    study = trials(local_storage(in_tmp))
+    states = {t.number: t.state for t in study}
+    runs = {int(run.data.tags["optuna.trial"]): run for run in child_runs(in_tmp)}
+    assert {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL} <= set(states.values()), states
+    for trial in study:
+        run = runs[trial.number]
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert (
+            run.info.status
+            == {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}[trial.state]
+        )
+        if trial.state == TrialState.FAIL:
+            assert "diverged" in trial.user_attrs["fail_reason"] and "diverged" in run.data.tags["failure_reason"]
+    capsys.readouterr()
+    assert cli.main(["best", "--study", "tiny"]) == 0
+    best = min((t for t in study if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert f"trial {best.number}: val/loss=" in capsys.readouterr().out
+
+
+def test_sigkilled_worker_trial_is_retried_and_its_run_killed(in_tmp: Path) -> None:
+    tmp_path = in_tmp
+    overrides = {**TINY["overrides"], "trainer.max_epochs": 4, "trainer.limit_train_batches": 8}
+    path = write_sweep(tmp_path, overrides=overrides, n_trials=2)
+    storage = local_storage(tmp_path)
+    log = (tmp_path / "killed.log").open("w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "aevae", "sweep", "--config", str(path)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 240
+    running: list[optuna.trial.FrozenTrial] = []
+    while time.monotonic() < deadline and worker.poll() is None:  # kill once trial 1 trains (trial 0 is done)
+        time.sleep(0.3)
+        if "Trial 0 finished" not in (tmp_path / "killed.log").read_text():
+            continue  # the study exists: polling it creates nothing
+        running = [t for t in trials(storage) if t.number == 1 and t.state == TrialState.RUNNING]
+        if running and sweep.RUN_ID_ATTR in running[0].user_attrs:
+            worker.send_signal(signal.SIGKILL)
+            break
+    assert worker.wait() == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    killed = running[0]
+    first_run_of_trial_0 = {run.info.run_id for run in child_runs(tmp_path) if run.data.tags["optuna.trial"] == "0"}
+
+    assert cli.main(["sweep", "--config", str(path)]) == 0  # the same command again, here in-process
+    study = trials(storage)
+    assert [t.state for t in study] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    retry = study[2]
+    assert retry.system_attrs["failed_trial"] == 1 and retry.params == killed.params
+    assert sweep.counted(study) == 2
+    runs = {run.info.run_id: run for run in child_runs(tmp_path)}
+    assert runs[killed.user_attrs[sweep.RUN_ID_ATTR]].info.status == "KILLED"
+    assert "no heartbeat" in runs[killed.user_attrs[sweep.RUN_ID_ATTR]].data.tags["failure_reason"]
+    assert {r for r, run in runs.items() if run.data.tags["optuna.trial"] == "0"} == first_run_of_trial_0  # not re-run
+    assert not [run for run in runs.values() if run.info.status == "RUNNING"]
+
+
+def test_two_workers_share_one_study_on_sqlite(in_tmp: Path) -> None:
+    assert cli.main(["sweep", "--config", str(write_sweep(in_tmp, n_trials=4)), "--workers", "2"]) == 0
+    check_one_run_per_trial(in_tmp, local_storage(in_tmp), 4)
+    assert len({run.data.tags["optuna.worker"] for run in child_runs(in_tmp)}) == 2
+
+
+def test_two_machines_share_one_study_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    """The same command started twice at once against one PostgreSQL study, as on two machines of a cluster."""
+    command = [
+        sys.executable,
+        "-m",
+        "aevae",
+        "sweep",
+        "--config",
+        str(write_sweep(tmp_path, n_trials=4)),
+        "--storage",
+        postgres_url,
+    ]
+    workers = [
+        subprocess.Popen(
+            command, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0, worker.stderr.read()[-3000:]
+    check_one_run_per_trial(tmp_path, postgres_url, 4)
+    assert len({run.data.tags["optuna.worker"] for run in child_runs(tmp_path)}) == 2
