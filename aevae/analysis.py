@@ -424,9 +424,7 @@ def analyze_run(args: Sequence[str]) -> tuple[str, Analysis]:
 
     cli = training.parse_config(args, analyze_parser())
     options = AnalysisOptions(**{key: value for key, value in cli.items() if key not in ("run_id", "tracking_uri")})
-    uri = cli.tracking_uri or tracking.default_tracking_uri()
-    if tracking.local_store_dir(uri) is not None and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UsageError(f"tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}")  # don't create one
+    uri = tracking.require_existing(cli.tracking_uri or tracking.default_tracking_uri(), "tracking-uri")
     client = MlflowClient(tracking.open_store(uri))
     with tempfile.TemporaryDirectory() as folder:
         config_path, checkpoint = fetch_run_files(client, cli.run_id, folder)

@@ -74,9 +74,16 @@ def child_configs(config: Namespace) -> list[tuple[str, int, Namespace]]:
         path.write_text(training.build_parser().dump(base, skip_none=False))
         for model in options.models:
             for seed in options.seeds:
-                child = training.parse_config(["--config", str(path), f"--model={model}", f"--seed={seed}"])
-                children.append((training.model_kind(child), seed, child))
+                children.append(child_config(path, model, seed))
     return children
+
+
+def child_config(experiment: Path, model: str, seed: int) -> tuple[str, int, Namespace]:
+    try:
+        child = training.parse_config(["--config", str(experiment), f"--model={model}", f"--seed={seed}"])
+    except UsageError as err:  # the base experiment parsed, so it is the model class
+        raise UsageError(f"compare.models: {model}: {err}") from err
+    return training.model_kind(child), seed, child
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -151,7 +158,8 @@ def run_compare(args: Sequence[str]) -> Comparison:
     parser = compare_parser()
     config = training.parse_config(args, parser)
     children = child_configs(config)
-    model, datamodule = training.instantiate(children[0][2])  # data files and analysis checks, before any run
+    model, datamodule = training.instantiate(children[0][2])  # data, trainer and analysis: checked before any run
+    training.check_trainer(children[0][2])
     analysis.check(model, datamodule, analysis.AnalysisOptions(**config.analysis.as_dict()))
     uri = tracking.open_store(config.tracking.uri or tracking.default_tracking_uri())
     client = MlflowClient(uri)

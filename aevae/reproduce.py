@@ -4,6 +4,7 @@ number of devices; compare the scores with the source and register the model und
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -82,7 +83,9 @@ def study_source_run(options: Namespace, tracking_uri: str) -> tuple[str, dict[s
 
     from aevae import sweep
 
-    storage = sweep.open_storage(options.storage or sweep.default_storage(tracking_uri))
+    sweep.check_study_name(options.study, "--study")
+    default = sweep.default_storage(tracking_uri)
+    storage = sweep.open_storage(tracking.require_existing(options.storage or default, "--storage"))
     if options.study not in optuna.get_all_study_names(storage):
         raise UsageError(f"--study: no study {options.study!r} in {tracking.mask_secrets(storage.url)}")
     study = optuna.load_study(study_name=options.study, storage=storage)
@@ -213,10 +216,12 @@ def _source_for_launched_ranks(run_id: str) -> Iterator[None]:
 def reproduce(options: Namespace) -> training.TrainingResult:
     from mlflow import MlflowClient
 
-    tracking_uri = tracking.validate_tracking_uri(options.tracking_uri or tracking.default_tracking_uri())
-    client = MlflowClient(tracking_uri)
     if bool(options.run_id) == bool(options.study):
         raise UsageError("reproduce: pass exactly one of --run-id or --study")
+    if not (math.isfinite(options.tolerance) and options.tolerance >= 0):
+        raise UsageError(f"--tolerance: a relative difference >= 0, got {options.tolerance}")
+    tracking_uri = tracking.require_existing(options.tracking_uri or tracking.default_tracking_uri(), "--tracking-uri")
+    client = MlflowClient(tracking.validate_tracking_uri(tracking_uri))
     run_id, origin = (
         (os.environ[SOURCE_ENV], {}) if os.environ.get(SOURCE_ENV)
         else study_source_run(options, tracking_uri) if options.study

@@ -35,11 +35,23 @@ def mask_secrets(text: str) -> str:
     return re.sub(r"(\w[\w+.-]*://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL (MLflow store or Optuna storage), else None."""
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+
+
 def local_store_dir(tracking_uri: str) -> Path | None:
     """The folder of a local SQLite store (holds the database and the artifacts), else None."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri[len("sqlite:///") :]).parent
+    database = sqlite_file(tracking_uri)
+    return database.parent if database is not None else None
+
+
+def require_existing(url: str, field: str) -> str:
+    """A command that only reads a record (a run, a study) must not create an empty SQLite file by opening it."""
+    database = sqlite_file(url)
+    if database is not None and not database.is_file():
+        raise UsageError(f"{field}: no store at {database}; nothing has been recorded there yet")
+    return url
 
 
 def writable_folder(folder: Path, field: str) -> None:
@@ -52,8 +64,18 @@ def writable_folder(folder: Path, field: str) -> None:
         raise UsageError(f"{field}: {folder} is not writable")
 
 
+def creatable_folder(folder: Path, field: str) -> None:
+    """Like writable_folder, but only checked, not made: it is writable, or its nearest existing parent is."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    if existing == folder and folder.is_dir():
+        raise UsageError(f"{field}: {folder} is not writable")
+    raise UsageError(f"{field}: cannot create {folder} ({existing} is not a writable folder)")
+
+
 def validate_tracking_uri(tracking_uri: str) -> str:
-    """Check the URI's form (and, for a local store, that its folder is writable) before any run."""
+    """Check the URI's form (and, for a local store, that its folder can be written) before any run; writes nothing."""
     scheme = urlsplit(tracking_uri).scheme.split("+")[0]
     if scheme not in SUPPORTED_SCHEMES:
         raise UsageError(
@@ -64,7 +86,7 @@ def validate_tracking_uri(tracking_uri: str) -> str:
     if store is not None:
         if not tracking_uri.endswith(".db"):
             raise UsageError(f"tracking.uri: a SQLite store must name a .db file, got {tracking_uri!r}")
-        writable_folder(store, "tracking.uri")
+        creatable_folder(store, "tracking.uri")
     else:
         check_reachable(tracking_uri, scheme)
     return tracking_uri
@@ -97,6 +119,7 @@ def open_store(tracking_uri: str) -> str:
     validate_tracking_uri(tracking_uri)
     store = local_store_dir(tracking_uri)
     if store is not None and store.resolve() not in _HELD_LOCKS:
+        writable_folder(store, "tracking.uri")
         fd = lock_store(store)
         if fd is None:
             raise UsageError(f"tracking.uri: {store} is being snapshotted (aevae snapshot); try again when it is done")

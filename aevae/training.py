@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -10,8 +11,10 @@ from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 import jsonargparse
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from aevae import analysis, distributed, tracking
@@ -104,19 +107,39 @@ _NOISE = (
 )  # fmt: skip
 
 
-def one_line(err: BaseException) -> str:
-    """jsonargparse explains a bad key over many lines; keep the key and what is wrong with it."""
+def causes(err: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
     cause: BaseException | None = err
-    while cause is not None:  # a check in a constructor already names its field
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return chain
+
+
+def yaml_problem(err: yaml.MarkedYAMLError) -> str:
+    mark = err.problem_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"not valid YAML: {err.problem or err.context}{where}"
+
+
+def one_line(err: BaseException) -> str:
+    """jsonargparse explains a bad key over many lines; keep the key (model.kl_weight) and what is wrong with it."""
+    chain = causes(err)
+    for cause in chain:  # a check in a constructor already names its field
         if isinstance(cause, UsageError):
             return str(cause)
-        cause = cause.__cause__ or cause.__context__
     text = str(err)
-    key = re.search(r'Parser key "([^"]+)"', text)
-    details = [line.strip(" -") for line in text.splitlines()]
-    details = [line for line in details if line and not line.startswith(_NOISE)][:2]
+    if text.startswith("Unexpected config:"):  # a --config file that is not a mapping of options
+        content = text.partition(":")[2].strip().splitlines()
+        return f"--config: expected a YAML mapping of options, got {repr(content[0]) if content else 'an empty file'}"
+    marked = next((cause for cause in chain if isinstance(cause, yaml.MarkedYAMLError)), None)
+    if marked is not None:
+        return f"--config: {yaml_problem(marked)}" if text.startswith("Problems parsing config") else yaml_problem(marked)
+    keys = dict.fromkeys(re.findall(r'Parser key "([^"]+)"', text))  # nested: "model", then "kl_weight"
+    lines = [re.sub(r'^Parser key "[^"]+":\s*', "", line.strip(" -")) for line in text.splitlines()]
+    details = [line for line in lines if line and not line.startswith(_NOISE)][:2]
     message = "; ".join(details) or type(err).__name__
-    return f"{key.group(1)}: {message}" if key else message
+    return f"{'.'.join(keys)}: {message}" if keys else message
 
 
 def model_kind(config: Namespace) -> str:
@@ -159,8 +182,19 @@ def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] 
             plugins=[AtomicCheckpointIO()],
             default_root_dir=config.fit.checkpoint_dir,
         )
-    except (ValueError, TypeError, RuntimeError) as err:  # e.g. an accelerator that is not there
+    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:  # e.g. devices=0, no GPU
         raise UsageError(f"trainer: {one_line(err)}") from err
+
+
+def check_trainer(config: Namespace) -> None:
+    """Build the config's Trainer once and drop it (quietly), so that bad trainer options fail before any run."""
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # its "GPU available" lines are printed again by the real Trainer
+    try:
+        build_trainer(config, logger=False)
+    finally:
+        lightning_log.setLevel(level)
 
 
 def instantiate(config: Namespace, parser: ArgumentParser | None = None) -> tuple[LatentAutoencoder, ImageDataModule]:
@@ -186,13 +220,17 @@ def run_training(
 
     parser = build_parser()
     model, datamodule = instantiate(config, parser)
+    check_trainer(config)
     datamodule.setup("fit")  # a missing data file fails here, before any run exists
     latent_options = analysis.AnalysisOptions(**config.analysis.as_dict())
     if latent_options.enabled:
         analysis.check(model, datamodule, latent_options)
         if latent_options.every_n_epochs:
             callbacks = [*callbacks, analysis.PeriodicAnalysis(latent_options)]
-    tracking_uri = tracking.open_store(config.tracking.uri or tracking.default_tracking_uri())
+    tracking_uri = config.tracking.uri or tracking.default_tracking_uri()
+    if config.fit.resume:
+        tracking.require_existing(tracking_uri, "fit.resume")
+    tracking.open_store(tracking_uri)
     check_room_for_checkpoints(model, Path(config.fit.checkpoint_dir))
     resume = resume_point(config, model, tracking_uri)
     model.nonfinite_policy = config.fit.on_nonfinite

@@ -133,7 +133,7 @@ def cli_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
 
 
 def test_unknown_store_unknown_run_and_run_without_checkpoint(tracking_uri: str, capsys: pytest.CaptureFixture) -> None:
-    assert "no MLflow store" in cli_error(["analyze", "--run-id", "abc123", "--tracking-uri", tracking_uri], capsys)
+    assert "tracking-uri: no store at" in cli_error(["analyze", "--run-id", "abc123", "--tracking-uri", tracking_uri], capsys)
     client = MlflowClient(tracking_uri)
     run_id = client.create_run(client.create_experiment("bare")).info.run_id
     assert "no run 'abc123'" in cli_error(["analyze", "--run-id", "abc123", "--tracking-uri", tracking_uri], capsys)
