@@ -127,3 +127,26 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path: Path, tracking_uri:
     assert len(runs(tracking_uri)) == 2  # the source and the bare run: nothing new
     assert not client.search_model_versions("name='ae-models'")
     assert all(r.info.status != "RUNNING" for r in runs(tracking_uri))
+
+
+def test_reproduce_a_multi_objective_studys_chosen_pareto_trial(tmp_path: Path, monkeypatch, capsys) -> None:
+    from test_sweep import TINY, write_sweep
+
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    objectives = [{"metric": "val/recon", "direction": "minimize"}, {"metric": "val/kl", "direction": "minimize"}]
+    assert main(["sweep", "--config", str(write_sweep(tmp_path, objectives=objectives))]) == 0
+    capsys.readouterr()
+    assert "is multi-objective; pass --pareto-index" in _fails(capsys, "--study", "tiny")
+
+    assert main(["reproduce", "--study", "tiny", "--prefer", "val/recon", "--register-as", ""]) == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    chosen = min(study.best_trials, key=lambda t: t.values[0])
+    tracking_uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (reproduction,) = [r for r in runs(tracking_uri) if "source_study" in r.data.tags]
+    assert reproduction.data.tags["source_study"] == "tiny"
+    assert reproduction.data.tags["source_trial"] == str(chosen.number)
+    assert reproduction.data.tags["source_run_id"] == chosen.user_attrs["mlflow_run_id"]
+    assert reproduction.data.params["model.latent_dim"] == str(chosen.params["model.latent_dim"])
+    assert TINY["n_trials"] == len(study.trials)
