@@ -19,6 +19,7 @@ DEFAULT_STORE = Path("mlruns")
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 LOCK_NAME = ".aevae.lock"  # in the store; .dvcignore keeps it out of snapshots
+TABLES_LOCK_NAME = ".aevae.tables.lock"  # likewise
 # Every column where MLflow records an absolute artifact location.
 LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"))
 _HELD_LOCKS: dict[Path, int] = {}
@@ -125,8 +126,19 @@ def open_store(tracking_uri: str) -> str:
             raise UsageError(f"tracking.uri: {store} is being snapshotted (aevae snapshot); try again when it is done")
         os.set_inheritable(fd, True)  # `aevae ui` execs the MLflow server, which keeps holding it
         _HELD_LOCKS[store.resolve()] = fd
+        create_tables(tracking_uri, store)
         relocate(store)
     return tracking_uri
+
+
+def create_tables(tracking_uri: str, store: Path) -> None:
+    """MLflow makes (or migrates) its tables when a process first opens a store; two processes that do it at once
+    on a new store collide ("duplicate column name"). Here one process at a time does it, the others wait."""
+    from mlflow import MlflowClient
+
+    with open(store / TABLES_LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
 def lock_store(store: Path, exclusive: bool = False) -> int | None:
