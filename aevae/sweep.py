@@ -346,7 +346,7 @@ def load_sweep(
         study=name,
         base_args=tuple(base_args),
         space=space,
-        model_args={choice: frozenset(config.model.init_args) for choice, config in classes.items()},
+        model_args={choice: frozenset(config.model.init_args.keys()) for choice, config in classes.items()},
         objectives=objectives,
         n_trials=n_trials,
         timeout=timeout,
@@ -376,16 +376,22 @@ def open_storage(
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     # Several processes write one SQLite file: wait for its lock rather than fail; never hang on a dead host.
     connect_args = {"sqlite": {"timeout": 60}, "postgresql": {"connect_timeout": 10}}.get(scheme, {})
-    try:
-        storage = RDBStorage(
-            url,
-            engine_kwargs={"connect_args": connect_args},
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=stale_callback,
-        )
-    except Exception as err:  # sqlalchemy's ArgumentError, OperationalError, a missing driver, ...
-        raise UsageError(f"storage: cannot open {tracking.mask_secrets(url)} ({training.one_line(err)})") from err
+    for attempt in range(1, 6):
+        try:
+            storage = RDBStorage(
+                url,
+                engine_kwargs={"connect_args": connect_args},
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=stale_callback,
+            )
+            break
+        except Exception as err:  # sqlalchemy's ArgumentError, OperationalError, a missing driver, ...
+            # Workers starting at once on a new database race to create Optuna's tables: the loser retries.
+            if attempt < 5 and (isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)):
+                time.sleep(attempt)
+                continue
+            raise UsageError(f"storage: cannot open {tracking.mask_secrets(url)} ({training.one_line(err)})") from err
     if scheme == "sqlite":
         sqlalchemy.event.listen(storage.engine, "connect", _write_ahead_log)
         storage.engine.dispose()  # the connection that created the tables goes; new ones get the pragmas
@@ -532,6 +538,15 @@ def _suggest(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> A
     return suggest(key, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
 
 
+def sample(trial: optuna.Trial, sweep: Sweep) -> dict[str, Any]:
+    """The trial's values, model.class first; a model key the sampled class lacks is not sampled."""
+    params: dict[str, Any] = {}
+    for key, distribution in sweep.space.items():
+        if _applies(sweep.model_args, key, params):
+            params[key] = _suggest(trial, key, distribution)
+    return params
+
+
 def _score(metrics: dict[str, float], name: str) -> float:
     if name not in metrics:
         raise KeyError(f"objective {name} was not logged by the run (logged: {', '.join(sorted(metrics))})")
@@ -543,10 +558,7 @@ def _score(metrics: dict[str, float], name: str) -> float:
 def objective(trial: optuna.Trial, sweep: Sweep, parent_run_id: str, started: Callable[[], None] = lambda: None) -> Any:
     """Train the trial's config as one MLflow child run; its state (COMPLETE, PRUNED, FAIL and why) tags the run."""
     started()
-    params: dict[str, Any] = {}
-    for key, distribution in sweep.space.items():
-        if _applies(sweep.model_args, key, params):
-            params[key] = _suggest(trial, key, distribution)
+    params = sample(trial, sweep)
     names = ["--tracking.uri", sweep.tracking_uri, "--tracking.run_name", f"{sweep.study}-{trial.number}"]
     config = training.parse_config([*sweep.base_args, *cli_args(params), *names], experiment_parser())
     link = TrialLink(trial)
@@ -566,10 +578,10 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent_run_id: str, started: Ca
     except optuna.TrialPruned:
         _end_run(sweep.tracking_uri, trial.user_attrs.get(RUN_ID_ATTR), "PRUNED", status="KILLED")
         raise
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is KILLED already; run the trial again on resume
+    except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C or SIGTERM; inside fit Lightning makes it exit(1)
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         requeue(trial.study, frozen, sweep.tracking_uri, "interrupted; queued again")
-        raise
+        raise KeyboardInterrupt from err  # Optuna closes the trial FAIL (it would leave it RUNNING on exit())
     except Exception as err:
         reason = f"{type(err).__name__}: {err}"
         trial.set_user_attr("fail_reason", reason[:1000])

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from aevae import cli, sweep
+from aevae.errors import UsageError
 from conftest import REPO, cli_env
 
 # A sweep that trains in about a second a trial: 5k embedded digits, one hidden layer, a few batches.
@@ -144,6 +145,17 @@ def test_shipped_sweeps_are_valid() -> None:
     assert {"vae_latent_beta", "ae_latent"} <= {path.stem for path in (REPO / "sweeps").glob("*.yaml")}
 
 
+def test_model_kind_search_samples_kl_weight_for_vaes_only(tmp_path: Path) -> None:
+    space = {"model.class": ["AE", "VAE"], "model.kl_weight": {"low": 0.01, "high": 1.0, "log": True}}
+    config = sweep.load_sweep(str(write_sweep(tmp_path, space=space, objectives=[{"metric": "val/recon"}])))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(6):
+        params = sweep.sample(study.ask(), config)
+        assert ("model.kl_weight" in params) == (params["model.class"] == "VAE"), params
+    with pytest.raises(UsageError, match="only logged for VAE models"):
+        sweep.load_sweep(str(write_sweep(tmp_path, space=space)))  # val/nelbo
+
+
 def test_multi_objective_sweep_records_parent_children_and_pareto_front(in_tmp: Path, capsys) -> None:
     objectives = [
         {"metric": "val/recon", "direction": "minimize"},
@@ -254,6 +266,21 @@ def test_sigkilled_worker_trial_is_retried_and_its_run_killed(in_tmp: Path) -> N
     assert "no heartbeat" in runs[killed.user_attrs[sweep.RUN_ID_ATTR]].data.tags["failure_reason"]
     assert {r for r, run in runs.items() if run.data.tags["optuna.trial"] == "0"} == first_run_of_trial_0  # not re-run
     assert not [run for run in runs.values() if run.info.status == "RUNNING"]
+
+
+def test_interrupted_trial_is_queued_again_and_the_parent_run_killed(in_tmp: Path, monkeypatch) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit(1)  # what Lightning makes of Ctrl-C (or SIGTERM, which a sweep turns into Ctrl-C) in fit
+
+    monkeypatch.setattr(sweep.training, "run_training", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["sweep", "--config", str(write_sweep(in_tmp, n_trials=1))])
+    failed, queued = trials(local_storage(in_tmp))
+    assert (failed.state, queued.state) == (TrialState.FAIL, TrialState.WAITING)
+    assert queued.params == failed.params and queued.system_attrs["retry_history"] == [0]
+    client = MlflowClient(f"sqlite:///{in_tmp / 'mlruns' / 'mlflow.db'}")
+    (parent,) = client.search_runs(client.get_experiment_by_name("demo").experiment_id)
+    assert parent.info.status == "KILLED"
 
 
 def test_two_workers_share_one_study_on_sqlite(in_tmp: Path) -> None:
