@@ -59,6 +59,10 @@ class AnalysisOptions:
     sample_posterior: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:  # UMAP seeds numpy's RandomState
+            raise UsageError(f"analysis.seed: must be in 0..{2**32 - 1}, got {self.seed}")
+
 
 @dataclass
 class Codes:
@@ -394,7 +398,9 @@ class PeriodicAnalysis(pl.Callback):
 def analyze_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="aevae analyze", exit_on_error=False, default_meta=False)
     parser.add_argument("--run-id", type=str, required=True, help="MLflow run id of a training run")
-    parser.add_argument("--tracking-uri", type=str, default=None, help="default: $MLFLOW_TRACKING_URI or ./mlruns")
+    parser.add_argument(
+        "--tracking-uri", type=str | None, default=None, help="default: $MLFLOW_TRACKING_URI or ./mlruns"
+    )
     parser.add_class_arguments(AnalysisOptions, skip={"enabled", "every_n_epochs"})
     return parser
 

@@ -158,7 +158,8 @@ def run_compare(args: Sequence[str]) -> Comparison:
     parser = compare_parser()
     config = training.parse_config(args, parser)
     children = child_configs(config)
-    model, datamodule = training.instantiate(children[0][2])  # data, trainer and analysis: checked before any run
+    built = [training.instantiate(child) for _, _, child in children]  # every model and seed, before any run
+    model, datamodule = built[0]  # data, trainer and analysis are the same for all
     training.check_trainer(children[0][2])
     analysis.check(model, datamodule, analysis.AnalysisOptions(**config.analysis.as_dict()))
     uri = tracking.open_store(config.tracking.uri or tracking.default_tracking_uri())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Callable, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -17,6 +19,7 @@ IMAGE_SHAPE = (1, 28, 28)
 IMAGE_PIXELS = 28 * 28
 MAX_LATENT_DIM = 4096
 ACTIVE_UNIT_KL = 0.01  # nats: a latent dimension with more average KL than this is "active"
+TRAINING_BYTES_PER_PARAMETER = 16  # float32 weight, its gradient and Adam's two moments
 
 
 @dataclass
@@ -79,6 +82,28 @@ def conv_decoder(hidden_dims: list[int], latent_dim: int) -> nn.Sequential:
 
 
 ARCHITECTURES = {"mlp": (mlp_encoder, mlp_decoder), "conv": (conv_encoder, conv_decoder)}
+
+
+def networks(
+    architecture: str, hidden_dims: list[int], encoder_outputs: int, latent_dim: int
+) -> tuple[nn.Module, nn.Module]:
+    """The encoder and the decoder of an architecture."""
+    make_encoder, make_decoder = ARCHITECTURES[architecture]
+    return make_encoder(list(hidden_dims), encoder_outputs), make_decoder(list(hidden_dims), latent_dim)
+
+
+def check_memory(build: Callable[[], tuple[nn.Module, ...]], hidden_dims: list[int]) -> None:
+    """Count the parameters on the meta device (no memory taken) and refuse a model this machine cannot train:
+    65536-wide layers are each allowed, but two of them would make billions of weights."""
+    with torch.device("meta"):
+        count = sum(p.numel() for module in build() for p in module.parameters())
+    need = TRAINING_BYTES_PER_PARAMETER * count
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise UsageError(
+            f"model.hidden_dims: {hidden_dims} makes {count:,} parameters, about {need / 2**30:.0f} GiB to train; "
+            f"this machine has {have / 2**30:.0f} GiB"
+        )
 
 
 def reconstruction_nll(recon_logits: Tensor, x: Tensor, likelihood: str) -> Tensor:
@@ -144,9 +169,9 @@ class LatentAutoencoder(pl.LightningModule):
         self.likelihood = likelihood
         self.lr = lr
         self.weight_decay = weight_decay
-        make_encoder, make_decoder = ARCHITECTURES[architecture]
-        self.encoder = make_encoder(list(hidden_dims), self.encoder_outputs())
-        self.decoder = make_decoder(list(hidden_dims), latent_dim)
+        build = partial(networks, architecture, hidden_dims, self.encoder_outputs(), latent_dim)
+        check_memory(build, hidden_dims)
+        self.encoder, self.decoder = build()
         self._epoch_sums: dict[str, Tensor] = {}
         self.nonfinite_policy = "stop"  # the trainer factory sets fit.on_nonfinite here
         self.skipped_batches = 0

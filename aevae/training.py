@@ -96,9 +96,11 @@ def parse_config(args: Sequence[str] | None = None, parser: ArgumentParser | Non
     """Parse and validate an experiment config; raises UsageError naming the bad field."""
     parser = parser or build_parser()
     try:
-        return parser.parse_args(args)
+        config = parser.parse_args(args)
+        parser.validate(config, skip_unset=False)  # a null in a config file skips the type checks of parsing
     except Exception as err:  # jsonargparse's ArgumentError and friends
         raise UsageError(one_line(err)) from err
+    return config
 
 
 _NOISE = (
@@ -199,7 +201,13 @@ def check_trainer(config: Namespace) -> None:
 
 def instantiate(config: Namespace, parser: ArgumentParser | None = None) -> tuple[LatentAutoencoder, ImageDataModule]:
     """Seed everything, then build the model and the data module from a parsed config."""
-    pl.seed_everything(config.seed, workers=True, verbose=False)
+    try:
+        pl.seed_everything(config.seed, workers=True, verbose=False)
+    except ValueError as err:  # numpy takes 0..2**32 - 1
+        raise UsageError(f"seed: {err}") from err
+    nulls = [key for key, value in config.model.init_args.items() if value is None]
+    if nulls:  # parsing does not type-check a config file's nulls inside model.init_args; no model argument takes one
+        raise UsageError(f"model.{nulls[0]}: null is not a value it takes; leave the key out for its default")
     parser = parser or build_parser()
     try:
         objects = parser.instantiate_classes(config)
