@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sqlite3
+import tempfile
 import warnings
 from contextlib import closing
 from dataclasses import dataclass
@@ -19,11 +20,15 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlflow import MlflowClient
 
 from aevae import sweep, tracking
+from aevae.analysis import AnalysisOptions
 from aevae.cli import main
-from aevae.training import parse_config, run_training
+from aevae.errors import UsageError
+from aevae.training import check_trainer, instantiate, parse_config, run_training
 from conftest import REPO, run_aevae
 
 DEMO = str(REPO / "experiments" / "vae_demo.yaml")
@@ -41,6 +46,8 @@ INPUTS = {  # written into every test folder
     "broken.yaml": "model: [unclosed\n",
     "unknown_key.yaml": "optimizer: {name: adam}\n",
     "batch0.yaml": "data: {batch_size: 0}\n",
+    "null_seed.yaml": "seed: null\n",
+    "null_latent.yaml": "model: {init_args: {latent_dim: null}}\n",
 }
 SWEEP: dict[str, Any] = {  # a valid sweep; rows replace top-level keys
     "experiment": DEMO,
@@ -93,7 +100,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 def row(command: str, *args: str, field: str, store: bool = False, sweep: dict | None = None) -> Any:
     """One malformed input: the command's arguments ({run}, {bare}, {tmp} filled in), the field its error
     must name, whether it runs in a copy of the store, and changes to SWEEP written as sweep.yaml."""
-    name = f"{command}-{field}-{' '.join(args)}"[:90]
+    name = f"{command}-{field}-{' '.join(args)}".replace(f"{REPO}/", "")[:100]
     return pytest.param(command, args, field, store, sweep, id=name)
 
 
@@ -106,11 +113,18 @@ CASES = [
     row("train", "--config", "missing.yaml", field="config"),
     row("train", "--config", DEMO, "--config", "unknown_key.yaml", field="optimizer"),
     row("train", "--config", DEMO, "--config", "batch0.yaml", field="data.batch_size"),
+    row("train", "--config", DEMO, "--config", "null_seed.yaml", field="seed"),
+    row("train", "--config", DEMO, "--config", "null_latent.yaml", field="model.latent_dim"),
     # train: wrong types, out-of-range and huge values
     row("train", "--config", DEMO, "--seed", "abc", field="seed"),
+    row("train", "--config", DEMO, "--seed", "-1", field="seed"),
+    row("train", "--config", DEMO, "--seed", str(2**32), field="seed"),
     row("train", "--config", DEMO, "--model.latent_dim", HUGE, field="model.latent_dim"),
     row("train", "--config", DEMO, "--model.hidden_dims", f"[{HUGE}]", field="model.hidden_dims"),
     row("train", "--config", DEMO, "--model.hidden_dims", "[0]", field="model.hidden_dims"),
+    row("train", "--config", DEMO, "--model.hidden_dims", "[65536, 65536, 65536]", field="model.hidden_dims"),
+    row("train", "--config", DEMO, "--model.architecture", "conv", "--model.hidden_dims", "[65536, 65536, 65536]",
+        field="model.hidden_dims"),
     row("train", "--config", DEMO, "--model.kl_weight", "nan", field="model.kl_weight"),
     row("train", "--config", DEMO, "--model.kl_weight", ".nan", field="model.kl_weight"),
     row("train", "--config", DEMO, "--model.kl_weight=-.inf", field="model.kl_weight"),
@@ -129,6 +143,7 @@ CASES = [
     row("train", "--config", DEMO, "--fit.resume", "no-such-run", field="fit.resume"),
     row("train", "--config", DEMO, "--analysis.split", "train", field="analysis.split"),
     row("train", "--config", DEMO, "--analysis.sample_size", "0", field="analysis.sample_size"),
+    row("train", "--config", DEMO, "--analysis.seed", "-1", field="analysis.seed"),
     # train: tracking stores that are malformed or unreachable
     row("train", "--config", DEMO, "--tracking.uri", "notascheme://x", field="tracking.uri"),
     row("train", "--config", DEMO, "--tracking.uri", "postgresql//x", field="tracking.uri"),
@@ -145,6 +160,7 @@ CASES = [
     row("compare", "--config", "list.yaml", field="--config"),
     row("compare", "--config", "missing.yaml", field="config"),
     row("compare", "--config", COMPARE, "--model.latent_dim", HUGE, field="model.latent_dim"),
+    row("compare", "--config", COMPARE, "--compare.seeds", "[0, -1]", field="seed"),
     row("compare", "--config", COMPARE, "--tracking.uri", "notascheme://x", field="tracking.uri"),
     # sweep: files that are not sweep configs
     row("sweep", "--config", "missing.yaml", field="--config"),
@@ -219,6 +235,7 @@ CASES = [
     row("analyze", "--run-id", "{run}", "--split", "train", field="split", store=True),
     row("analyze", "--run-id", "{run}", "--sample_size", "0", field="sample_size", store=True),
     row("analyze", "--run-id", "{run}", "--seed", "abc", field="seed", store=True),
+    row("analyze", "--run-id", "{run}", "--seed", str(2**32), field="seed", store=True),
     row("analyze", "--run-id", "{run}", "--pca", "true", field="pca", store=True),
     row("analyze", "--run-id", "no-such-run", field="tracking-uri"),  # no store here
     row("analyze", "--run-id", "x", "--tracking-uri", "notascheme://x", field="tracking.uri"),
@@ -303,3 +320,48 @@ def test_bad_input_is_one_line_naming_the_field_and_writes_nothing(
     assert files(tmp_path) == before
     assert record(tmp_path) == counts
 
+
+
+# Random mutations of the demo config: a known key or a made-up one set to a value of any type.
+KNOWN_KEYS = (
+    "seed", "model.class_path", "model.init_args.latent_dim", "model.init_args.hidden_dims",
+    "model.init_args.kl_weight", "model.init_args.lr", "data.source", "data.batch_size", "data.val_fraction",
+    "trainer.max_epochs", "trainer.accelerator", "trainer.devices", "trainer.precision", "fit.on_nonfinite",
+    "analysis.split", "analysis.seed", "analysis.sample_size",
+)  # fmt: skip
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(), st.text(max_size=12),
+    st.lists(st.integers(-(2**20), 2**20), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)  # fmt: skip
+KEYS = st.one_of(st.sampled_from(KNOWN_KEYS), st.from_regex(r"[a-z_]{1,6}(\.[a-z_]{1,6}){0,2}", fullmatch=True))
+
+
+def mutated(config: dict, key: str, value: Any) -> dict:
+    """config with the dotted key set to value; a part of the path that is not a mapping becomes one."""
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[last] = value
+    return config
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=3))
+def test_random_config_mutations_build_or_fail_in_one_line(mutations: list[tuple[str, Any]]) -> None:
+    """All that `train` checks before it opens the store: parse, build model and data, Trainer, analysis."""
+    config = yaml.safe_load(Path(DEMO).read_text())
+    for key, value in mutations:
+        config = mutated(config, key, value)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "mutated.yaml"
+        path.write_text(yaml.safe_dump(config))
+        try:
+            parsed = parse_config(["--config", str(path)])
+            instantiate(parsed)
+            check_trainer(parsed)
+            AnalysisOptions(**parsed.analysis.as_dict())
+        except UsageError as err:
+            assert len(str(err).splitlines()) == 1, str(err)
