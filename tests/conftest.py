@@ -20,6 +20,13 @@ SHARED_DATASETS = Path(os.environ.get("AEVAE_DATA_ROOT", REPO.parent / "shared" 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(autouse=True)
+def no_inherited_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow sets MLFLOW_TRACKING_URI when a run starts in this process (for its subprocesses): without this,
+    a test that trains in-process would send the next test's default store (./mlruns) to its own."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh SQLite MLflow store in the test's own folder."""

@@ -8,6 +8,7 @@ with no traceback, and with nothing written: no file, no MLflow run, no Optuna s
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -78,8 +79,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     folder = tmp_path_factory.mktemp("bad_input_store")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)  # the run records relative paths: a reproduction writes into its own folder
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         result = run_training(parse_config(["--config", DEMO, *TINY]))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # MLflow set it for subprocesses; the rows use their own folder's store
     client = MlflowClient(result.tracking_uri)
     bare = client.create_run(client.get_run(result.run_id).info.experiment_id, run_name="bare").info.run_id
     client.set_terminated(bare)
@@ -305,7 +306,6 @@ def test_bad_input_is_one_line_naming_the_field_and_writes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, request: pytest.FixtureRequest,
 ) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     source = request.getfixturevalue("store") if in_store else None
     prepare(tmp_path, source, sweep_changes)
     fill = {"tmp": str(tmp_path), "run": source.run if source else "", "bare": source.bare if source else ""}
