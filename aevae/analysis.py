@@ -22,6 +22,7 @@ import torch
 from jsonargparse import ArgumentParser
 from jsonargparse.typing import PositiveInt
 
+from aevae import checkpoints
 from aevae.data import ImageDataModule
 from aevae.errors import UsageError
 from aevae.models import ACTIVE_UNIT_KL, LatentAutoencoder, gaussian_kl_per_dim
@@ -359,19 +360,13 @@ def log_analysis(client: Any, run_id: str, analysis: Analysis, step: int, artifa
         client.log_artifacts(run_id, folder, artifact_path)
 
 
-def load_weights(model: LatentAutoencoder, checkpoint: str | Path) -> None:
-    """The weights of a Lightning checkpoint (tensors only: nothing in the file is executed)."""
-    state = torch.load(checkpoint, map_location=model.device, weights_only=True)
-    model.load_state_dict(state["state_dict"])
-
-
 def analyze_into_run(
     client: Any, run_id: str, model: LatentAutoencoder, datamodule: ImageDataModule,
     options: AnalysisOptions, step: int, checkpoint: str | Path | None = None,
 ) -> Analysis:  # fmt: skip
     """Analyse the checkpoint's weights (or the model as it is) and log the analysis into the run."""
     if checkpoint:
-        load_weights(model, checkpoint)
+        checkpoints.load_weights(model, checkpoint)
     latent = analyze(model, datamodule, options)
     log_analysis(client, run_id, latent, step)
     return latent
