@@ -311,7 +311,7 @@ class VAE(LatentAutoencoder):
     Args:
         kl_weight: beta, the weight of the KL term (1 gives the ELBO; 0 with sample_latent=False is an AE).
         kl_warmup_epochs: ramp beta linearly from 0 over this many epochs (0: no warm-up).
-        sample_latent: decode a reparameterized sample in training; False decodes the mean.
+        sample_latent: decode a reparameterized sample (training and evaluation); False decodes the mean.
     """
 
     kind = "vae"
@@ -337,7 +337,9 @@ class VAE(LatentAutoencoder):
 
     def forward(self, x: Tensor) -> ModelOutput:
         mean, logvar = self.forward_encoder(x)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.sample_latent and self.training else mean
+        # Sampled in evaluation too: the ELBO is an expectation over q(z|x), and decoding the mean would
+        # understate val/test nelbo. encode() and the analysis use the mean.
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.sample_latent else mean
         return ModelOutput(recon_logits=self.decode(z), z=z, mean=mean, logvar=logvar)
 
     def beta(self) -> float:

@@ -80,12 +80,13 @@ def test_vae_without_kl_and_sampling_is_an_autoencoder() -> None:
     assert torch.equal(vae(x).recon_logits, out.recon_logits)  # deterministic like the AE
 
 
-def test_vae_samples_in_training_only() -> None:
+def test_vae_samples_in_training_and_evaluation() -> None:
     vae = VAE(latent_dim=4, hidden_dims=[16])
     x = torch.rand(6, 1, 28, 28)
-    assert not torch.equal(vae.train()(x).z, vae(x).mean)
-    out = vae.eval()(x)
-    assert torch.equal(out.z, out.mean)
+    for mode in (vae.train, vae.eval):  # the ELBO is an expectation over q(z|x), also on val/test
+        out = mode()(x)
+        assert not torch.equal(out.z, out.mean)
+    assert torch.equal(vae.encode(x), vae.forward_encoder(x)[0])  # codes are the posterior mean
 
 
 def test_iwae_bound_is_tighter_than_elbo() -> None:
