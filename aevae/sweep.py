@@ -38,14 +38,14 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from aevae import tracking, training
+from aevae import sweep_map, tracking, training
 from aevae.errors import UsageError
 
 SWEEP_KEYS = (
     "study", "experiment", "overrides", "space", "objectives", "n_trials", "timeout",
     "sampler", "pruner", "storage", "heartbeat_interval", "grace_period",
 )  # fmt: skip
-SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler, "grid": optuna.samplers.GridSampler}
 PRUNERS = {
     "median": optuna.pruners.MedianPruner,
     "hyperband": optuna.pruners.HyperbandPruner,
@@ -127,9 +127,17 @@ def _named(spec: Any, where: str, choices: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def _sampler(spec: dict[str, Any], offset: int = 0) -> optuna.samplers.BaseSampler:
-    """Seeded per trial (seed + trials so far): resumed and parallel studies never repeat a draw."""
+def _sampler(spec: dict[str, Any], space: dict[str, BaseDistribution], offset: int = 0) -> optuna.samplers.BaseSampler:
+    """Seeded per trial (seed + trials so far): resumed and parallel studies never repeat a draw.
+    `grid` visits every combination of the space's choice lists once: trial n takes cell n of one seeded
+    shuffle of the grid, so its seed must not change between trials."""
     kwargs = {key: value for key, value in spec.items() if key not in ("name", "seed")}
+    if spec["name"] == "grid":
+        ranges = [key for key, d in space.items() if not isinstance(d, CategoricalDistribution)]
+        if ranges:
+            raise ValueError(f"grid needs a list of choices for every key; space.{ranges[0]} is a range")
+        kwargs["search_space"] = {key: list(d.choices) for key, d in space.items()}
+        offset = 0
     return SAMPLERS[spec["name"]](seed=spec.get("seed", 0) + offset, **kwargs)
 
 
@@ -325,7 +333,7 @@ def load_sweep(
     objectives = _objectives(raw.get("objectives"), list(classes.values()) or [base])
     sampler = _named(raw.get("sampler", "tpe"), "sampler", SAMPLERS)
     pruner = _named(raw.get("pruner"), "pruner", PRUNERS)
-    for where, build in (("sampler", partial(_sampler, sampler)), ("pruner", partial(_pruner, pruner))):
+    for where, build in (("sampler", partial(_sampler, sampler, space)), ("pruner", partial(_pruner, pruner))):
         try:
             build()
         except (TypeError, ValueError) as err:
@@ -587,6 +595,8 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent_run_id: str, started: Ca
         trial.set_user_attr("fail_reason", reason[:1000])
         _end_run(sweep.tracking_uri, run_id or trial.user_attrs.get(RUN_ID_ATTR), "FAIL", reason)
         raise
+    logged = {**link.val_metrics, **result.metrics}
+    trial.set_user_attr(sweep_map.SCORES_ATTR, {name: logged[name] for name in known_metrics() if name in logged})
     _end_run(sweep.tracking_uri, run_id, "COMPLETE")
     return values[0] if len(values) == 1 else values
 
@@ -625,7 +635,7 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             if waiting or sweep.n_trials is None or counted(trials) < sweep.n_trials:
-                study.sampler = _sampler(sweep.sampler, offset=len(trials))
+                study.sampler = _sampler(sweep.sampler, sweep.space, offset=len(trials))
                 run = partial(objective, sweep=sweep, parent_run_id=parent_run_id, started=release)
                 study.optimize(run, n_trials=1, catch=(Exception,))
                 continue
@@ -697,6 +707,10 @@ def _plots(study: optuna.Study, sweep: Sweep, folder: Path) -> None:
             warnings.warn(f"sweep: plot {filename} skipped ({training.one_line(err)})")
         finally:
             plt.close("all")
+    if sweep.sampler["name"] == "grid" and len(sweep.space) == 2:
+        figure = sweep_map.map_figure(study.get_trials(deepcopy=False), (*sweep.space,))
+        if figure is not None:
+            figure.savefig(folder / "map.png", dpi=110)
 
 
 def summarize(study: optuna.Study, sweep: Sweep, client: Any, parent_run_id: str) -> None:

@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import optuna
 import pytest
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from aevae import cli, sweep
+from aevae import cli, sweep, sweep_map
 from aevae.errors import UsageError
 from conftest import REPO, cli_env
 
@@ -128,6 +129,7 @@ BAD_CONFIGS = [
     ({"storage": "postgresql://nobody@127.0.0.1:1/none"}, "storage: cannot open postgresql://nobody@127.0.0.1:1/none"),
     ({"n_trials": None}, "set n_trials or timeout"),
     ({"budget": 3}, "unknown key 'budget'"),
+    ({"sampler": "grid"}, "sampler: grid needs a list of choices for every key; space.model.kl_weight is a range"),
 ]
 
 
@@ -197,6 +199,31 @@ def test_multi_objective_sweep_records_parent_children_and_pareto_front(in_tmp: 
 
     assert cli.main(["sweep", "--config", str(path)]) == 0  # the same command again: nothing more to run
     check_one_run_per_trial(in_tmp, local_storage(in_tmp), 3)
+
+
+def test_grid_sweep_visits_every_cell_once_and_draws_the_map(in_tmp: Path) -> None:
+    space = {"model.latent_dim": [2, 4], "model.kl_weight": [0.1, 1.0]}
+    overrides = {**TINY["overrides"], "analysis.enabled": True, "analysis.umap": False, "analysis.sample_size": 200}
+    path = write_sweep(in_tmp, space=space, overrides=overrides, sampler="grid", n_trials=4)
+    assert cli.main(["sweep", "--config", str(path), "--workers", "2"]) == 0
+    finished = check_one_run_per_trial(in_tmp, local_storage(in_tmp), 4)
+    cells = sorted((t.params["model.latent_dim"], t.params["model.kl_weight"]) for t in finished)
+    assert cells == [(2, 0.1), (2, 1.0), (4, 0.1), (4, 1.0)]
+    for trial in finished:
+        scores = trial.user_attrs[sweep_map.SCORES_ATTR]
+        assert scores["val/nelbo"] == pytest.approx(trial.value)
+        assert -1 <= scores["silhouette_latent"] <= 1 and scores["val/recon"] > 0
+
+    xs, ys, grid = sweep_map.grid_values(finished, ("model.latent_dim", "model.kl_weight"), "val/nelbo")
+    assert xs == [2, 4] and ys == [0.1, 1.0] and np.isfinite(grid).all()
+    parent = child_runs(in_tmp)[0].data.tags["mlflow.parentRunId"]
+    client = MlflowClient(f"sqlite:///{in_tmp / 'mlruns' / 'mlflow.db'}")
+    assert "optuna/map.png" in {f.path for f in client.list_artifacts(parent, "optuna")}
+
+
+def test_pareto_front_keeps_exactly_the_undominated_points() -> None:
+    points = np.array([[1.0, 0.1], [2.0, 0.3], [1.5, 0.05], [3.0, 0.3], [0.5, -0.2]])  # (cost, gain)
+    assert sweep_map.pareto_front(points).tolist() == [4, 0, 1]
 
 
 def test_pruned_and_diverged_trials_are_recorded_and_the_sweep_goes_on(in_tmp: Path, capsys) -> None:
