@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback, Trainer
 
 from aevae.models import VAE
 from aevae.training import parse_config, run_training
@@ -41,6 +42,45 @@ def iwae_nll(model: VAE, images: torch.Tensor, k: int, batch: int = 100) -> tupl
     return float(per_image.mean()), float(per_image.std() / math.sqrt(len(per_image)))
 
 
+def plot_curve(tracking_uri: str, run_id: str, folder: Path) -> Path:
+    """Validation negative ELBO and IWAE NLL against epochs, from the run's metric history; logged to the run."""
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    for metric, label in (("val/nelbo", "val negative ELBO"), ("val/iwae_nll", "val IWAE NLL, k=100, 1000 images")):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+        if history:
+            ax.plot(*zip(*history), marker="." if metric == "val/iwae_nll" else None, label=label)
+    ax.set(xlabel="epoch", ylabel="nats / image", ylim=(84, 130), title="VAE 784-500-500-50, binarized MNIST")
+    ax.axhline(86.76, color="grey", ls=":", label="Burda et al. 2015 (test, k=5000)")
+    ax.legend()
+    folder.mkdir(parents=True, exist_ok=True)
+    figure.savefig(folder / "nll_curve.png", dpi=110)
+    client.log_artifact(run_id, str(folder / "nll_curve.png"))
+    return folder / "nll_curve.png"
+
+
+class LikelihoodCurve(Callback):
+    """The curve of NLL against epochs: every `every` epochs, the IWAE bound (k samples) on the first `n`
+    validation images, logged to the run as val/iwae_nll (its time counts against the budget)."""
+
+    def __init__(self, every: int, k: int = 100, n: int = 1000) -> None:
+        self.every, self.k, self.n = every, k, n
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: VAE) -> None:
+        epoch = trainer.current_epoch + 1
+        if trainer.sanity_checking or epoch % self.every:
+            return
+        images = trainer.datamodule.splits["val"].images[: self.n]
+        with torch.inference_mode():
+            nll, _ = iwae_nll(pl_module, images, self.k)
+        trainer.logger.log_metrics({"val/iwae_nll": nll}, step=epoch)
+        print(f"epoch {epoch}: val IWAE NLL (k={self.k}, {len(images)} images) {nll:.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=os.environ.get("AEVAE_DATA_ROOT", str(REPO.parent / "shared" / "datasets")))
@@ -48,6 +88,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=1000, help="importance samples per test image")
     parser.add_argument("--test-images", type=int, default=10000, help="test images scored by the IWAE bound")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="out/quality", help="folder for the NLL curve figure")
+    parser.add_argument("--curve-every", type=int, default=10, help="epochs between points of the NLL curve")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     budget = time.strftime("%H:%M:%S", time.gmtime(args.minutes * 60))
@@ -61,8 +103,9 @@ def main() -> None:
             "--fit.checkpoint_dir", str(Path(folder) / "checkpoints"),
         ])  # fmt: skip
         started = time.perf_counter()
-        result = run_training(config)
+        result = run_training(config, callbacks=[LikelihoodCurve(args.curve_every)])
         minutes = (time.perf_counter() - started) / 60
+    curve = plot_curve(result.tracking_uri, result.run_id, Path(args.out))
     data = result.datamodule
     test = data.splits["test"].images[: args.test_images]
     nll, stderr = iwae_nll(result.model, test, args.k)
@@ -74,6 +117,7 @@ def main() -> None:
     print(f"| this VAE, negative ELBO (best checkpoint) | {result.metrics['test/nelbo']:.2f} |")
     print(f"| this VAE, IWAE k={args.k} on {len(test)} test images | {nll:.2f} ± {stderr:.2f} |")
     print("| Burda et al. 2015, VAE 1 layer, k=5000 | 86.76 |\n| pythae reproduction, 200 samples | 89.78 |")
+    print(f"NLL against epochs: {curve}")
 
 
 if __name__ == "__main__":
