@@ -8,11 +8,12 @@ re-runnable training run nested under the parent.
 from __future__ import annotations
 
 import csv
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 from jsonargparse import ArgumentParser, Namespace
@@ -31,12 +32,15 @@ class CompareOptions:
 
     Args:
         seeds: one run of each model per seed.
-        models: the two model classes; both get the experiment's ``model.init_args`` (those they accept).
+        models: two or more model variants; the first is the baseline the others are compared with. A variant
+            is a class path (it gets the experiment's ``model.init_args``, those it accepts) or a mapping
+            ``{class_path: ..., init_args: {...}}`` whose init_args override the experiment's, e.g. a VAE with
+            another ``kl_weight``.
         output_dir: local folder for the figure and the table (both are also logged to the parent run).
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    models: list[str] = field(default_factory=lambda: ["aevae.models.AE", "aevae.models.VAE"])
+    models: list[Union[str, dict[str, Any]]] = field(default_factory=lambda: ["aevae.models.AE", "aevae.models.VAE"])
     output_dir: str = "out/compare"
 
 
@@ -57,10 +61,10 @@ def compare_parser() -> ArgumentParser:
 
 
 def child_configs(config: Namespace) -> list[tuple[str, int, Namespace]]:
-    """(model kind, seed, config) of every child run, each parsed as `aevae train` would parse it."""
+    """(variant label, seed, config) of every child run, each parsed as `aevae train` would parse it."""
     options = config.compare
-    if len(options.models) != 2 or len(set(options.models)) != 2:
-        raise UsageError(f"compare.models: give two different model classes, got {options.models}")
+    if len(options.models) < 2:
+        raise UsageError(f"compare.models: give two or more model variants, got {options.models}")
     if not options.seeds or len(set(options.seeds)) != len(options.seeds):
         raise UsageError(f"compare.seeds: give one or more different seeds, got {options.seeds}")
     if not config.analysis.enabled:
@@ -72,18 +76,38 @@ def child_configs(config: Namespace) -> list[tuple[str, int, Namespace]]:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "experiment.yaml"
         path.write_text(training.build_parser().dump(base, skip_none=False))
-        for model in options.models:
+        for i, variant in enumerate(options.models):
+            class_path, overrides = model_variant(variant, f"compare.models[{i}]")
             for seed in options.seeds:
-                children.append(child_config(path, model, seed))
+                children.append(child_config(path, class_path, overrides, seed, f"compare.models[{i}]"))
+    labels = list(dict.fromkeys(label for label, _, _ in children))
+    if len(labels) != len(options.models):
+        raise UsageError(f"compare.models: the same variant twice ({', '.join(label for label, _, _ in children)})")
     return children
 
 
-def child_config(experiment: Path, model: str, seed: int) -> tuple[str, int, Namespace]:
+def model_variant(variant: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """A class path, or {class_path, init_args}: (class path, the init_args it overrides)."""
+    if isinstance(variant, str):
+        return variant, {}
+    if set(variant) - {"class_path", "init_args"} or not isinstance(variant.get("class_path"), str):
+        raise UsageError(f"{where}: expected a class path or {{class_path, init_args}}, got {variant}")
+    overrides = variant.get("init_args") or {}
+    if not isinstance(overrides, dict):
+        raise UsageError(f"{where}.init_args: expected a mapping of model arguments, got {overrides!r}")
+    return variant["class_path"], overrides
+
+
+def child_config(
+    experiment: Path, class_path: str, overrides: dict[str, Any], seed: int, where: str
+) -> tuple[str, int, Namespace]:
+    args = [f"--model.init_args.{key}={json.dumps(value)}" for key, value in overrides.items()]
     try:
-        child = training.parse_config(["--config", str(experiment), f"--model={model}", f"--seed={seed}"])
-    except UsageError as err:  # the base experiment parsed, so it is the model class
-        raise UsageError(f"compare.models: {model}: {err}") from err
-    return training.model_kind(child), seed, child
+        child = training.parse_config(["--config", str(experiment), f"--model={class_path}", *args, f"--seed={seed}"])
+    except UsageError as err:  # the base experiment parsed, so it is the variant
+        raise UsageError(f"{where}: {class_path}: {err}") from err
+    label = training.model_kind(child) + "".join(f"_{key}{value}" for key, value in overrides.items())
+    return label.replace(" ", ""), seed, child
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -92,21 +116,36 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
+def paired_p(differences: Sequence[float]) -> float | None:
+    """Two-sided p-value of a paired t-test (are the per-seed differences centred on 0?); None under 2 seeds."""
+    from scipy.stats import ttest_1samp
+
+    if len(differences) < 2:
+        return None
+    if np.ptp(differences) == 0:
+        return 1.0 if differences[0] == 0 else 0.0
+    return float(ttest_1samp(differences, 0.0).pvalue)
+
+
 def score_table(scores: dict[str, dict[int, dict[str, float]]]) -> list[dict[str, Any]]:
-    """One row per score: each model's mean and std over seeds, and the paired difference (second - first)."""
-    (first, first_runs), (second, second_runs) = scores.items()
-    seeds = sorted(first_runs)
+    """One row per score: each variant's mean and std over seeds, and every other variant's difference from the
+    first (the baseline), paired by seed, with the p-value of a paired t-test."""
+    (baseline, baseline_runs), *others = scores.items()
+    seeds = sorted(baseline_runs)
     rows = []
     for name in TABLE_SCORES:
         row: dict[str, Any] = {"score": name, "seeds": len(seeds)}
-        for kind, runs in ((first, first_runs), (second, second_runs)):
+        for label, runs in scores.items():
             values = [runs[seed][name] for seed in seeds if name in runs[seed]]
-            row[f"{kind}_mean"], row[f"{kind}_std"] = mean_std(values) if values else (None, None)
-        if row[f"{first}_mean"] is None and row[f"{second}_mean"] is None:
+            row[f"{label}_mean"], row[f"{label}_std"] = mean_std(values) if values else (None, None)
+        if all(row[f"{label}_mean"] is None for label in scores):
             continue
-        both = [seed for seed in seeds if name in first_runs[seed] and name in second_runs[seed]]
-        paired = [second_runs[seed][name] - first_runs[seed][name] for seed in both]
-        row["diff_mean"], row["diff_std"] = mean_std(paired) if paired else (None, None)
+        for label, runs in others:
+            both = [seed for seed in seeds if name in baseline_runs[seed] and name in runs[seed]]
+            paired = [runs[seed][name] - baseline_runs[seed][name] for seed in both]
+            diff = f"{label}-{baseline}"
+            row[f"{diff}_mean"], row[f"{diff}_std"] = mean_std(paired) if paired else (None, None)
+            row[f"{diff}_p"] = paired_p(paired)
         rows.append(row)
     return rows
 
@@ -115,26 +154,33 @@ def cell(mean: float | None, std: float | None, sign: str = "") -> str:
     return "n/a" if mean is None else f"{mean:{sign}.3f} ± {std:.3f}"
 
 
-def markdown_table(rows: list[dict[str, Any]], kinds: Sequence[str]) -> str:
-    first, second = kinds
-    header = f"| score | {first.upper()} | {second.upper()} | {second.upper()} - {first.upper()} |"
-    lines = [header, "| --- | ---: | ---: | ---: |"]
+def markdown_table(rows: list[dict[str, Any]], labels: Sequence[str]) -> str:
+    baseline, *others = labels
+    diffs = [f"{label}-{baseline}" for label in others]
+    header = [label.upper() for label in labels] + [f"{label.upper()} - {baseline.upper()} | p" for label in others]
+    lines = [f"| score | {' | '.join(header)} |", "| --- |" + " ---: |" * (len(labels) + 2 * len(others))]
     for row in rows:
-        cells = [cell(row[f"{kind}_mean"], row[f"{kind}_std"]) for kind in kinds]
-        lines.append(f"| {row['score']} | {cells[0]} | {cells[1]} | {cell(row['diff_mean'], row['diff_std'], '+')} |")
-    return "\n".join(lines) + f"\n\nmean ± std over {rows[0]['seeds']} seeds; the difference is paired by seed.\n"
+        cells = [cell(row[f"{label}_mean"], row[f"{label}_std"]) for label in labels]
+        for diff in diffs:
+            p = row[f"{diff}_p"]
+            cells += [cell(row[f"{diff}_mean"], row[f"{diff}_std"], "+"), "n/a" if p is None else f"{p:.2g}"]
+        lines.append(f"| {row['score']} | {' | '.join(cells)} |")
+    return "\n".join(lines) + (
+        f"\n\nmean ± std over {rows[0]['seeds']} seeds; each difference from {baseline.upper()} is paired by seed, "
+        "p is the two-sided p-value of a paired t-test.\n"
+    )
 
 
-def comparison_figure(latents: Sequence[analysis.Analysis]) -> Any:
-    """Rows: the models; columns: the projections; the silhouette in every title; one legend."""
+def comparison_figure(latents: Sequence[analysis.Analysis], labels: Sequence[str]) -> Any:
+    """Rows: the model variants; columns: the projections; the silhouette in every title; one legend."""
     from matplotlib.figure import Figure
 
     projections = list(latents[0].projections)
     figure = Figure(figsize=(4.2 * len(projections) + 0.8, 4.0 * len(latents)), layout="constrained")
     axes = figure.subplots(len(latents), len(projections), squeeze=False)
-    for row, latent in zip(axes, latents):
+    for row, latent, label in zip(axes, latents, labels):
         for ax, name in zip(row, projections):
-            title = analysis.projection_title(latent, name)
+            title = analysis.projection_title(latent, name).replace(latent.kind.upper(), label.upper(), 1)
             analysis.scatter(ax, latent.projections[name], latent.codes.labels, title, name, legend=False)
     figure.legend(handles=analysis.digit_handles(np.unique(latents[0].codes.labels)), loc="outside right center")
     return figure
@@ -151,6 +197,13 @@ def write_outputs(folder: Path, rows: list[dict[str, Any]], markdown: str, figur
     return folder / FIGURE_NAME
 
 
+def instantiate(label: str, child: Namespace) -> tuple[Any, Any]:
+    try:
+        return training.instantiate(child)
+    except UsageError as err:
+        raise UsageError(f"compare.models ({label}): {err}") from err
+
+
 def run_compare(args: Sequence[str]) -> Comparison:
     """Every child run under one parent run, then the side-by-side figure and the score table."""
     from mlflow import MlflowClient
@@ -158,22 +211,22 @@ def run_compare(args: Sequence[str]) -> Comparison:
     parser = compare_parser()
     config = training.parse_config(args, parser)
     children = child_configs(config)
-    built = [training.instantiate(child) for _, _, child in children]  # every model and seed, before any run
+    built = [instantiate(label, child) for label, _, child in children]  # every model and seed, before any run
     model, datamodule = built[0]  # data, trainer and analysis are the same for all
     training.check_trainer(children[0][2])
     analysis.check(model, datamodule, analysis.AnalysisOptions(**config.analysis.as_dict()))
     uri = tracking.open_store(config.tracking.uri or tracking.default_tracking_uri())
     client = MlflowClient(uri)
-    kinds = list(dict.fromkeys(kind for kind, _, _ in children))
-    name = config.tracking.run_name or f"{'-vs-'.join(kinds)}-z{config.model.init_args.latent_dim}"
+    labels = list(dict.fromkeys(kind for kind, _, _ in children))
+    name = config.tracking.run_name or f"{'-vs-'.join(labels)}-z{config.model.init_args.latent_dim}"
     experiment = tracking.experiment_id(client, config.tracking.experiment, uri)
-    tags = {"compare": "-vs-".join(kinds), "git_commit": tracking.git_commit()}
+    tags = {"compare": "-vs-".join(labels), "git_commit": tracking.git_commit()}
     parent = client.create_run(experiment, run_name=name, tags=tags).info.run_id
     error: BaseException | None = None
     try:
         log_params(client, parent, config)
         training._log_config(client, parent, parser, config)
-        return compare_children(client, parent, uri, config, children, kinds)
+        return compare_children(client, parent, uri, config, children, labels)
     except BaseException as err:
         error = err
         raise
@@ -191,26 +244,26 @@ def log_params(client: Any, run_id: str, config: Namespace) -> None:
 
 
 def compare_children(
-    client: Any, parent: str, uri: str, config: Namespace, children: list[tuple[str, int, Namespace]], kinds: list[str]
+    client: Any, parent: str, uri: str, config: Namespace, children: list[tuple[str, int, Namespace]], labels: list[str]
 ) -> Comparison:
     """Train the children, then log the figure (the first seed's models) and the table into the parent."""
     from mlflow.entities import Metric
 
-    scores: dict[str, dict[int, dict[str, float]]] = {kind: {} for kind in kinds}
+    scores: dict[str, dict[int, dict[str, float]]] = {label: {} for label in labels}
     shown = []
-    for kind, seed, child in children:
-        result = training.run_training(child, parent_run_id=parent)
-        scores[kind][seed] = result.metrics
+    for label, seed, child in children:
+        result = training.run_training(child, parent_run_id=parent, tags={"compare.variant": label})
+        scores[label][seed] = result.metrics
         if seed == config.compare.seeds[0]:
             shown.append(result.latent)
     rows = score_table(scores)
-    markdown = markdown_table(rows, kinds)
+    markdown = markdown_table(rows, labels)
     folder = Path(config.compare.output_dir)
-    figure = write_outputs(folder, rows, markdown, comparison_figure(shown))
+    figure = write_outputs(folder, rows, markdown, comparison_figure(shown, labels))
     for file in ("scores.csv", "scores.md", FIGURE_NAME):
         client.log_artifact(parent, str(folder / file), "compare")
     now = int(time.time() * 1000)
     summary = [Metric(f"{row['score']}/{column}", value, now, 0) for row in rows for column, value in row.items()
-               if column.endswith(("_mean", "_std")) and value is not None]  # fmt: skip
+               if column.endswith(("_mean", "_std", "_p")) and value is not None]  # fmt: skip
     client.log_batch(parent, metrics=summary)
     return Comparison(parent, uri, rows, markdown, figure)

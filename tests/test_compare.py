@@ -48,9 +48,10 @@ def test_compare_records_parent_children_figure_and_table(tracking_uri: str, tmp
     ae = [c.data.metrics["silhouette_pca"] for c in children if c.data.tags["model_kind"] == "ae"]
     vae = [c.data.metrics["silhouette_pca"] for c in children if c.data.tags["model_kind"] == "vae"]
     assert float(rows["silhouette_pca"]["ae_mean"]) == pytest.approx(sum(ae) / 2)
-    assert float(rows["silhouette_pca"]["diff_mean"]) == pytest.approx(sum(vae) / 2 - sum(ae) / 2)
+    assert float(rows["silhouette_pca"]["vae-ae_mean"]) == pytest.approx(sum(vae) / 2 - sum(ae) / 2)
+    assert 0 <= float(rows["silhouette_pca"]["vae-ae_p"]) <= 1
     assert rows["active_units"]["ae_mean"] == "" and rows["silhouette_pca"]["seeds"] == "2"
-    assert parent.data.metrics["silhouette_pca/diff_mean"] == pytest.approx(float(rows["silhouette_pca"]["diff_mean"]))
+    assert parent.data.metrics["silhouette_pca/vae-ae_mean"] == pytest.approx(float(rows["silhouette_pca"]["vae-ae_mean"]))
     assert "| silhouette_pca |" in printed and f"figure: {tmp_path / 'out' / 'ae_vs_vae.png'}" in printed
 
 
@@ -65,10 +66,40 @@ def test_children_are_ordinary_reproducible_configs() -> None:
     assert ae.data == vae.data and ae.trainer == vae.trainer
 
 
+def test_variants_override_the_experiment_and_are_each_compared_with_the_first() -> None:
+    models = "[aevae.models.AE, aevae.models.VAE, {class_path: aevae.models.VAE, init_args: {kl_weight: 0.1}}]"
+    config = training.parse_config(
+        ["--config", str(REPO / "experiments" / "ae_vs_vae.yaml"), "--compare.models", models, "--compare.seeds", "[0]"],
+        compare.compare_parser(),
+    )
+    children = compare.child_configs(config)
+    assert [label for label, _, _ in children] == ["ae", "vae", "vae_kl_weight0.1"]
+    assert [child.model.init_args.kl_weight for _, _, child in children[1:]] == [1.0, 0.1]
+    assert children[2][2].model.init_args.hidden_dims == [512, 256]  # the rest is the experiment's
+
+    runs = {0: {"knn_acc": 0.80}, 1: {"knn_acc": 0.82}, 2: {"knn_acc": 0.81}}
+    better = {seed: {"knn_acc": value["knn_acc"] + 0.05 + 0.001 * seed} for seed, value in runs.items()}
+    (row,) = compare.score_table({"ae": runs, "vae": runs, "vae_kl_weight0.1": better})
+    assert row["vae-ae_mean"] == 0 and row["vae-ae_p"] == 1.0
+    assert row["vae_kl_weight0.1-ae_mean"] == pytest.approx(0.051) and row["vae_kl_weight0.1-ae_p"] < 0.001
+    table = compare.markdown_table([row], ["ae", "vae", "vae_kl_weight0.1"])
+    assert "| VAE_KL_WEIGHT0.1 - AE | p |" in table and "paired t-test" in table
+
+
+def test_paired_p_matches_a_hand_computed_t_test() -> None:
+    # differences 1, 2, 3: mean 2, sd 1, t = 2 / (1 / sqrt 3) = 3.464 with 2 degrees of freedom: p = 0.0742
+    assert compare.paired_p([1.0, 2.0, 3.0]) == pytest.approx(0.0742, abs=1e-4)
+    assert compare.paired_p([0.5]) is None
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--compare.models", "[aevae.models.AE]"], "compare.models"),
+        (["--compare.models", "[aevae.models.AE, aevae.models.AE]"], "compare.models: the same variant twice"),
+        (["--compare.models", "[aevae.models.AE, {class_path: aevae.models.VAE, init_args: {kl_weight: -1}}]"],
+         "compare.models (vae_kl_weight-1): model.kl_weight"),
+        (["--compare.models", "[aevae.models.AE, {class_path: aevae.models.VAE, beta: 2}]"], "compare.models[1]"),
         (["--compare.seeds", "[]"], "compare.seeds"),
         (["--analysis.enabled", "false"], "analysis.enabled"),
         (["--model.init_args.latent_dim", "1"], "model.latent_dim"),
