@@ -228,6 +228,11 @@ class LatentAutoencoder(pl.LightningModule):
             self.log("loss", terms.loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return terms.loss
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if all(t.device == device for t in batch):  # CPU training: skip Lightning's generic walk of the batch
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Only the skip policy needs finite gradients before the step. Under "stop", a non-finite gradient makes
         # the next loss non-finite, which stops training; and fp16 loss scaling, which skips steps with inf
@@ -285,7 +290,9 @@ class LatentAutoencoder(pl.LightningModule):
         self._log_epoch("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # PyTorch's fused Adam kernel (CPU and CUDA) takes a third of the time of the default per-tensor loop.
+        fused = self.device.type in ("cpu", "cuda")
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=fused)
 
 
 class AE(LatentAutoencoder):
