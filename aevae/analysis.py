@@ -400,23 +400,6 @@ def analyze_parser() -> ArgumentParser:
     return parser
 
 
-def fetch_run_files(client: Any, run_id: str, folder: str) -> tuple[Path, Path]:
-    """The run's config.yaml and best checkpoint, downloaded; a missing run or file is a UsageError."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_run(run_id)
-    except MlflowException as err:
-        raise UsageError(f"run-id: no run {run_id!r} in this tracking store") from err
-    logged = {item.path for path in ("", "checkpoints") for item in client.list_artifacts(run_id, path)}
-    for needed in ("config.yaml", "checkpoints/best.ckpt"):
-        if needed not in logged:
-            raise UsageError(f"run-id: run {run_id} has no {needed} artifact; was it trained by aevae and finished?")
-    config = client.download_artifacts(run_id, "config.yaml", folder)
-    checkpoint = client.download_artifacts(run_id, "checkpoints/best.ckpt", folder)
-    return Path(config), Path(checkpoint)
-
-
 def analyze_run(args: Sequence[str]) -> tuple[str, Analysis]:
     """`aevae analyze --run-id ID`: analyse the run's best checkpoint again and add it to the run."""
     from mlflow import MlflowClient
@@ -428,7 +411,7 @@ def analyze_run(args: Sequence[str]) -> tuple[str, Analysis]:
     uri = tracking.require_existing(cli.tracking_uri or tracking.default_tracking_uri(), "tracking-uri")
     client = MlflowClient(tracking.open_store(uri))
     with tempfile.TemporaryDirectory() as folder:
-        config_path, checkpoint = fetch_run_files(client, cli.run_id, folder)
+        _, config_path, checkpoint = tracking.fetch_run_files(client, cli.run_id, "run-id", folder)
         model, datamodule = training.instantiate(training.parse_config(["--config", str(config_path)]))
         history = client.get_metric_history(cli.run_id, "silhouette_pca")
         step = max((metric.step for metric in history), default=0)  # newest value at the latest step

@@ -98,20 +98,10 @@ def study_source_run(options: Namespace, tracking_uri: str) -> tuple[str, dict[s
 
 def load_source(client: Any, run_id: str, origin: dict[str, str], folder: Path) -> Source:
     """The source run's recorded config and scores; it must have finished with a checkpoint."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise UsageError(f"--run-id: no run {run_id!r} in the tracking store") from err
+    run, config_path, _ = tracking.fetch_run_files(client, run_id, "--run-id", str(folder))
     if run.info.status != "FINISHED":
         raise UsageError(f"--run-id: run {run_id} is {run.info.status}, not FINISHED")
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    checkpoints = {a.path for a in client.list_artifacts(run_id, "checkpoints")} if "checkpoints" in artifacts else set()
-    if "config.yaml" not in artifacts or "checkpoints/best.ckpt" not in checkpoints:
-        raise UsageError(f"--run-id: run {run_id} has no config.yaml or checkpoints/best.ckpt artifact to reproduce from")
-    config_path = client.download_artifacts(run_id, "config.yaml", str(folder))
-    config = training.parse_config(["--config", config_path])
+    config = training.parse_config(["--config", str(config_path)])
     return Source(run_id, run.info.run_name, dict(run.data.metrics), {"source_run_id": run_id, **origin}, config)
 
 

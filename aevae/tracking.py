@@ -55,6 +55,25 @@ def require_existing(url: str, field: str) -> str:
     return url
 
 
+RUN_FILES = ("config.yaml", "checkpoints/best.ckpt")  # what a finished `aevae train` run can be rebuilt from
+
+
+def fetch_run_files(client: Any, run_id: str, field: str, folder: str) -> tuple[Any, Path, Path]:
+    """The run, its config.yaml and best checkpoint (downloaded to folder); a missing run or file is a
+    UsageError naming the field."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise UsageError(f"{field}: no run {run_id!r} in the tracking store") from err
+    logged = {item.path for path in ("", "checkpoints") for item in client.list_artifacts(run_id, path)}
+    if not set(RUN_FILES) <= logged:
+        raise UsageError(f"{field}: run {run_id} has no {' or '.join(RUN_FILES)} artifact; was it trained by aevae?")
+    config, checkpoint = (Path(client.download_artifacts(run_id, name, folder)) for name in RUN_FILES)
+    return run, config, checkpoint
+
+
 def writable_folder(folder: Path, field: str) -> None:
     """Create the folder if needed; a folder we cannot write to is the user's to fix, named by field."""
     try:
