@@ -43,26 +43,40 @@ def pareto_front(points: np.ndarray) -> np.ndarray:
 
 def map_figure(trials: Sequence[FrozenTrial], params: tuple[str, str]) -> Any:
     """Heat maps of every score the finished trials logged, then the Pareto front; None if nothing finished."""
+    from matplotlib import style
     from matplotlib.figure import Figure
 
     done = finished(trials)
     scores = [(name, low) for name, low in MAP_SCORES if any(name in t.user_attrs[SCORES_ATTR] for t in done)]
     if not done or not scores:
         return None
-    figure = Figure(figsize=(4.6 * (len(scores) + 1), 4.2), layout="constrained")
-    axes = figure.subplots(1, len(scores) + 1)
-    for ax, (name, lower_is_better) in zip(axes, scores):
-        xs, ys, grid = grid_values(done, params, name)
-        image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r" if lower_is_better else "viridis")
-        for (row, col), value in np.ndenumerate(grid):
-            if np.isfinite(value):
-                ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=7, color="w")
-        ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
-        ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-        ax.set(xlabel=params[0], ylabel=params[1], title=f"{name} ({'lower' if lower_is_better else 'higher'} is better)")
-        figure.colorbar(image, ax=ax, shrink=0.8)
-    draw_pareto(axes[-1], done, params)
+    columns = 3 if len(scores) > 2 else len(scores) + 1
+    rows = -(-(len(scores) + 1) // columns)
+    with style.context("default"):  # Optuna's plots switch pyplot's style to ggplot
+        figure = Figure(figsize=(5.2 * columns, 4.4 * rows), layout="constrained")
+        axes = figure.subplots(rows, columns, squeeze=False).ravel()
+        for ax, (name, lower_is_better) in zip(axes, scores):
+            draw_heat_map(ax, done, params, name, lower_is_better)
+        draw_pareto(axes[len(scores)], done, params)
+        for ax in axes[len(scores) + 1 :]:
+            ax.set_axis_off()
     return figure
+
+
+def draw_heat_map(ax: Any, trials: Sequence[FrozenTrial], params: tuple[str, str], name: str, lower: bool) -> None:
+    """One score over the grid, each cell labelled; the colours stop at the 90th percentile of the bad side,
+    so one diverging corner does not wash out the rest."""
+    xs, ys, grid = grid_values(trials, params, name)
+    finite = grid[np.isfinite(grid)]
+    bounds = {"vmax": np.percentile(finite, 90)} if lower else {"vmin": np.percentile(finite, 10)}
+    image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r" if lower else "viridis", **bounds)
+    for (row, col), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=8, color="w")
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+    ax.set(xlabel=params[0], ylabel=params[1], title=f"{name} ({'lower' if lower else 'higher'} is better)")
+    ax.figure.colorbar(image, ax=ax, shrink=0.85, extend="max" if lower else "min")
 
 
 def draw_pareto(ax: Any, trials: Sequence[FrozenTrial], params: tuple[str, str]) -> None:
