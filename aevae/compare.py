@@ -217,7 +217,7 @@ def run_compare(args: Sequence[str]) -> Comparison:
     analysis.check(model, datamodule, analysis.AnalysisOptions(**config.analysis.as_dict()))
     uri = tracking.open_store(config.tracking.uri or tracking.default_tracking_uri())
     client = MlflowClient(uri)
-    labels = list(dict.fromkeys(kind for kind, _, _ in children))
+    labels = list(dict.fromkeys(label for label, _, _ in children))
     name = config.tracking.run_name or f"{'-vs-'.join(labels)}-z{config.model.init_args.latent_dim}"
     experiment = tracking.experiment_id(client, config.tracking.experiment, uri)
     tags = {"compare": "-vs-".join(labels), "git_commit": tracking.git_commit()}
