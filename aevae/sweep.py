@@ -582,7 +582,8 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent_run_id: str, started: Ca
     try:
         result = training.run_training(config, parent_run_id, callbacks, tags)
         run_id = result.run_id
-        values = [_score({**link.val_metrics, **result.metrics}, o.metric) for o in sweep.objectives]
+        logged = {**link.val_metrics, **result.metrics}
+        values = [_score(logged, o.metric) for o in sweep.objectives]
     except optuna.TrialPruned:
         _end_run(sweep.tracking_uri, trial.user_attrs.get(RUN_ID_ATTR), "PRUNED", status="KILLED")
         raise
@@ -595,7 +596,6 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent_run_id: str, started: Ca
         trial.set_user_attr("fail_reason", reason[:1000])
         _end_run(sweep.tracking_uri, run_id or trial.user_attrs.get(RUN_ID_ATTR), "FAIL", reason)
         raise
-    logged = {**link.val_metrics, **result.metrics}
     trial.set_user_attr(sweep_map.SCORES_ATTR, {name: logged[name] for name in known_metrics() if name in logged})
     _end_run(sweep.tracking_uri, run_id, "COMPLETE")
     return values[0] if len(values) == 1 else values

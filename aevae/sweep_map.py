@@ -19,9 +19,9 @@ def finished(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if t.state == TrialState.COMPLETE and SCORES_ATTR in t.user_attrs]
 
 
-def grid_values(trials: Sequence[FrozenTrial], key: str, score: str) -> tuple[list, list, np.ndarray]:
-    """The score on the grid of the two params in `key` (x, y): rows are y values, NaN where no trial finished."""
-    x_key, y_key = key
+def grid_values(trials: Sequence[FrozenTrial], params: tuple[str, str], score: str) -> tuple[list, list, np.ndarray]:
+    """The score on the grid of the two params (x, y): rows are y values, NaN where no trial finished."""
+    x_key, y_key = params
     xs = sorted({t.params[x_key] for t in trials})
     ys = sorted({t.params[y_key] for t in trials})
     grid = np.full((len(ys), len(xs)), np.nan)
