@@ -20,7 +20,8 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from aevae import cli, sweep, sweep_map
+from aevae import cli, sweep
+from aevae.sweep import grid_map as sweep_map
 from aevae.errors import UsageError
 from conftest import REPO, cli_env
 
