@@ -25,7 +25,7 @@ def train(args: Sequence[str]) -> int:
     result = run_training(parse_config(args))
     if result.run_id:
         console.say(f"run {result.run_id} finished: {mask_secrets(result.tracking_uri)}")
-        console.note(OPEN_HINT)
+        console.summary(OPEN_HINT)
     return 0
 
 
@@ -49,7 +49,7 @@ def analyze(args: Sequence[str]) -> int:
 
     uri, latent = analyze_run(args)
     console.say(" ".join(f"{key}={value:.4g}" for key, value in latent.scores.items() if not key.startswith("kl_dim")))
-    console.note(f"analysis logged under latent/: {mask_secrets(uri)}")
+    console.summary(f"analysis logged under latent/: {mask_secrets(uri)}")
     return 0
 
 
@@ -59,9 +59,9 @@ def compare(args: Sequence[str]) -> int:
 
     result = run_compare(args)
     console.say(result.markdown)
-    console.note(f"figure: {result.figure}")
-    console.note(f"parent run {result.parent_run_id}: {mask_secrets(result.tracking_uri)}")
-    console.note(OPEN_HINT)
+    console.summary(f"figure: {result.figure}")
+    console.summary(f"parent run {result.parent_run_id}: {mask_secrets(result.tracking_uri)}")
+    console.summary(OPEN_HINT)
     return 0
 
 

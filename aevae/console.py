@@ -80,6 +80,12 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def summary(text: str) -> None:
+    """A line of the closing summary on stdout (figure, run, how to open it), hidden by --quiet."""
+    if level() != "quiet":
+        print(text, flush=True)
+
+
 def note(text: str, bar: Any = None) -> None:
     """A progress or summary line on stderr, hidden by --quiet; above the progress bar while one shows."""
     if level() == "quiet":

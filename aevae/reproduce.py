@@ -250,7 +250,7 @@ def reproduce(options: Namespace) -> tuple[training.TrainingResult, bool | None]
         version, promoted = register(
             client, result.run_id, result.model, options.register_as, kind, options.champion_metric, score, verdict
         )
-        console.note(f"registered {options.register_as} version {version}" + (f" as @{CHAMPION}" if promoted else ""))
+        console.summary(f"registered {options.register_as} version {version}" + (f" as @{CHAMPION}" if promoted else ""))
     return result, verdict
 
 
@@ -261,5 +261,5 @@ def reproduce_command(args: Sequence[str]) -> int:
         raise UsageError(training.one_line(err)) from err
     result, verdict = reproduce(options)
     if result.run_id:
-        console.note(f"reproduction run {result.run_id}: {tracking.mask_secrets(result.tracking_uri)} (open it: aevae ui)")
+        console.summary(f"reproduction run {result.run_id}: {tracking.mask_secrets(result.tracking_uri)} (open it: aevae ui)")
     return NOT_REPRODUCED_EXIT if verdict is False else 0

@@ -74,8 +74,8 @@ def sweep_command(args: Sequence[str]) -> int:
     )
     study = run_sweep(sweep)
     console.say(describe(study))
-    console.note(f"study {sweep.study} in {tracking.mask_secrets(sweep.storage)} (again: aevae best --study {sweep.study})")
-    console.note("open it: aevae ui")
+    console.summary(f"study {sweep.study} in {tracking.mask_secrets(sweep.storage)} (again: aevae best --study {sweep.study})")
+    console.summary("open it: aevae ui")
     return 0
 
 
