@@ -144,9 +144,17 @@ def run() -> None:
     try:
         code = main()
     except KeyboardInterrupt:
-        print("aevae: interrupted", file=sys.stderr)
-        code = INTERRUPTED_EXIT
+        code = interrupted()
+    except SystemExit as err:
+        if not isinstance(err.__context__, KeyboardInterrupt):
+            raise
+        code = interrupted()  # Lightning turns Ctrl-C inside fit into exit(1) once it has shut down
     sys.exit(code)
+
+
+def interrupted() -> int:
+    print("aevae: interrupted", file=sys.stderr)
+    return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

@@ -294,16 +294,17 @@ class RunsProgress(Callback):
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking:
             return
+        loss = trainer.callback_metrics.get(training.MONITOR)
+        self.show(trainer.current_epoch + 1, None if loss is None else float(loss), refresh=False)
         self.bar.update(1)
         self.counted += 1
-        loss = trainer.callback_metrics.get(training.MONITOR)
-        self.show(trainer.current_epoch + 1, None if loss is None else float(loss))
 
-    def show(self, epoch: int, loss: float | None) -> None:
+    def show(self, epoch: int, loss: float | None, refresh: bool = True) -> None:
         shown = f" {training.MONITOR} {loss:.4g}" if loss is not None else ""
         self.bar.set_postfix_str(
             f"run {self.run + 1}/{len(self.epochs)} {self.label} seed {self.seed} "
-            f"epoch {epoch}/{self.epochs[self.run]}{shown}"
+            f"epoch {epoch}/{self.epochs[self.run]}{shown}",
+            refresh=refresh,
         )
 
     def close(self) -> None:
