@@ -257,7 +257,8 @@ def compare_children(
         if console.show_progress():  # one progress line for all runs instead of Lightning's bar per run
             child.trainer.enable_progress_bar = child.trainer.enable_model_summary = False
         progress.next_run(label, seed)
-        result = training.run_training(child, parent_run_id=parent, tags={"compare.variant": label}, callbacks=[progress])
+        tags = {"compare.variant": label}
+        result = training.run_training(child, parent_run_id=parent, tags=tags, callbacks=[progress])
         scores[label][seed] = result.metrics
         if seed == config.compare.seeds[0]:
             shown.append(result.latent)

@@ -250,7 +250,8 @@ def reproduce(options: Namespace) -> tuple[training.TrainingResult, bool | None]
         version, promoted = register(
             client, result.run_id, result.model, options.register_as, kind, options.champion_metric, score, verdict
         )
-        console.summary(f"registered {options.register_as} version {version}" + (f" as @{CHAMPION}" if promoted else ""))
+        champion = f" as @{CHAMPION}" if promoted else ""
+        console.summary(f"registered {options.register_as} version {version}{champion}")
     return result, verdict
 
 
@@ -261,5 +262,6 @@ def reproduce_command(args: Sequence[str]) -> int:
         raise UsageError(training.one_line(err)) from err
     result, verdict = reproduce(options)
     if result.run_id:
-        console.summary(f"reproduction run {result.run_id}: {tracking.mask_secrets(result.tracking_uri)} (open it: aevae ui)")
+        where = tracking.mask_secrets(result.tracking_uri)
+        console.summary(f"reproduction run {result.run_id}: {where} (open it: aevae ui)")
     return NOT_REPRODUCED_EXIT if verdict is False else 0

@@ -7,7 +7,9 @@ workers -> report (plots, summary, `best`) -> commands (`aevae sweep`, `aevae be
 
 from aevae import training
 from aevae.sweep.commands import best_command, run_sweep, sweep_command
-from aevae.sweep.config import STORE_FILE, Objective, Sweep, check_study_name, default_storage, known_metrics, load_sweep
+from aevae.sweep.config import (
+    STORE_FILE, Objective, Sweep, check_study_name, default_storage, known_metrics, load_sweep,
+)  # fmt: skip
 from aevae.sweep.report import describe, summarize
 from aevae.sweep.space import cli_args
 from aevae.sweep.study import PARENT_ATTR, RUN_ID_ATTR, counted, load_study, open_storage, open_study

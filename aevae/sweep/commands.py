@@ -74,7 +74,8 @@ def sweep_command(args: Sequence[str]) -> int:
     )
     study = run_sweep(sweep)
     console.say(describe(study))
-    console.summary(f"study {sweep.study} in {tracking.mask_secrets(sweep.storage)} (again: aevae best --study {sweep.study})")
+    where = tracking.mask_secrets(sweep.storage)
+    console.summary(f"study {sweep.study} in {where} (again: aevae best --study {sweep.study})")
     console.summary("open it: aevae ui")
     return 0
 

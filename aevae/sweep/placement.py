@@ -38,8 +38,8 @@ def parse_gpus(text: str | None, visible: Sequence[str]) -> list[str]:
         raise UsageError(f"--gpus: GPU {next(i for i in indices if indices.count(i) > 1)} is listed twice")
     missing = [index for index in indices if index >= len(visible)]
     if missing:
-        raise UsageError(f"--gpus: no GPU {missing[0]}; this machine shows {len(visible)} (indices 0..{len(visible) - 1})"
-                         if visible else f"--gpus: no GPU {missing[0]}; this machine shows no GPU")  # fmt: skip
+        shown = f"{len(visible)} (indices 0..{len(visible) - 1})" if visible else "no GPU"
+        raise UsageError(f"--gpus: no GPU {missing[0]}; this machine shows {shown}")
     return [visible[index] for index in indices]
 
 

@@ -13,6 +13,9 @@ from aevae.sweep.study import counted
 from aevae.sweep.trials import USAGE_ERROR_ATTR
 
 
+STATE_WORDS = ((TrialState.COMPLETE, "complete"), (TrialState.PRUNED, "pruned"), (TrialState.FAIL, "failed"))
+
+
 class SweepProgress:
     """Read from the study itself, so that it counts the trials of every worker (and of other machines)."""
 
@@ -28,10 +31,7 @@ class SweepProgress:
         finished = [t for t in trials if t.state.is_finished()]
         self.report_failures(finished)
         states = Counter(t.state for t in finished)
-        counts = ", ".join(
-            f"{states[state]} {word}"
-            for state, word in ((TrialState.COMPLETE, "complete"), (TrialState.PRUNED, "pruned"), (TrialState.FAIL, "failed"))
-        )  # fmt: skip
+        counts = ", ".join(f"{states[state]} {word}" for state, word in STATE_WORDS)
         self.bar.set_postfix_str(f"{counts}{self.best(states[TrialState.COMPLETE])}", refresh=False)
         self.bar.update(counted(trials) - (len(trials) - len(finished)) - self.bar.n)  # re-queued trials once
 
