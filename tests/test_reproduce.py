@@ -108,9 +108,9 @@ def test_not_reproduced_exits_1_is_registered_but_never_champion(tmp_path: Path,
         client.get_model_version_by_alias("aevae-vae", "champion")
     assert main(base) == 0  # the same training again: reproduced, so it becomes the champion
     champion = client.get_model_version_by_alias("aevae-vae", "champion")
-    assert champion.version == "2" and champion.tags["reproduction_verdict"] == "reproduced"
+    assert str(champion.version) == "2" and champion.tags["reproduction_verdict"] == "reproduced"
     assert main([*base, "--max-epochs", "1", "--tolerance", "0"]) == 1
-    assert client.get_model_version_by_alias("aevae-vae", "champion").version == "2"
+    assert str(client.get_model_version_by_alias("aevae-vae", "champion").version) == "2"
 
 
 def test_batch_rule() -> None:
