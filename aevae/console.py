@@ -15,6 +15,8 @@ LEVEL_ENV = "AEVAE_CONSOLE"  # quiet | normal | verbose; spawned sweep workers i
 LEVELS = ("quiet", "normal", "verbose")
 # Library loggers whose INFO lines (Lightning's GPU/TPU banner and tips, MLflow's and Optuna's progress) are chatter.
 CHATTY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow", "optuna", "alembic", "urllib3")
+# Library loggers whose WARNING lines are not the user's to act on either.
+CHATTY_WARNING_LOGGERS = ("lightning.pytorch.loggers.mlflow",)  # "Experiment with name X not found. Creating it."
 # Library warnings that are not the user's to act on: the library's own internals or aevae's deliberate choices.
 CHATTER_WARNINGS = (
     r".*`transfer_batch_to_device`.*",  # aevae's data module moves its batches itself (in-memory images)
@@ -46,6 +48,8 @@ def quiet_libraries() -> None:
 
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in CHATTY_WARNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # its "trial failed" traceback: aevae says it in one line
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

@@ -32,7 +32,7 @@ def test_compare_shows_progress_and_the_table_and_no_library_chatter(tmp_path: P
         "compare", "--config", str(REPO / "experiments" / "ae_vs_vae_demo.yaml"), "--model.init_args.hidden_dims",
         "[32]", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--analysis.sample_size", "300",
         "--analysis.umap", "false", "--compare.seeds", "[0]", "--compare.output_dir", str(tmp_path / "out"),
-        cwd=tmp_path,
+        cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
@@ -45,7 +45,7 @@ def test_compare_shows_progress_and_the_table_and_no_library_chatter(tmp_path: P
 
 
 def test_quiet_prints_only_the_result(tmp_path: Path) -> None:
-    result = run_aevae(*TRAIN, "--trainer.max_epochs", "1", "--quiet", cwd=tmp_path)
+    result = run_aevae(*TRAIN, "--trainer.max_epochs", "1", "--quiet", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr == "" and len(result.stdout.splitlines()) == 1
     assert result.stdout.startswith("run ") and " finished: sqlite:///" in result.stdout
