@@ -62,6 +62,8 @@ def command_warnings() -> Iterator[None]:
             warnings.simplefilter("once")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=ImportWarning)  # umap: "Tensorflow not installed"
+            warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
             for pattern in CHATTER_WARNINGS:
                 warnings.filterwarnings("ignore", message=pattern)
             _hide_possible_user_warnings()

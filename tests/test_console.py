@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from conftest import REPO, cli_env, run_aevae
 
 CHATTER = ("Tip:", "GPU available", "TPU available", "Warning", "warn", "deprecated", "log_every_n_steps",
-           "transfer_batch_to_device", "Restoring states", "Loaded model weights", "INFO")  # fmt: skip
+           "transfer_batch_to_device", "Restoring states", "Loaded model weights", "INFO", "Tensorflow")  # fmt: skip
 TRAIN = [
     "train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), "--model.hidden_dims", "[32]",
     "--trainer.limit_train_batches", "3", "--analysis.enabled", "false",
