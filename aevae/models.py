@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aevae.errors import UsageError
-from aevae.steps import StepRecord, TrainingSteps
+from aevae.steps import CompiledStep, CudaGraphStep, StepRecord, TrainingSteps
 
 IMAGE_SHAPE = (1, 28, 28)
 IMAGE_PIXELS = 28 * 28
