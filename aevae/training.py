@@ -239,6 +239,7 @@ def run_training(
     if config.fit.resume:
         tracking.require_existing(tracking_uri, "fit.resume")
     tracking.open_store(tracking_uri)
+    tracking.experiment_id(MlflowClient(tracking_uri), config.tracking.experiment, tracking_uri)  # marked for the UI
     check_room_for_checkpoints(model, Path(config.fit.checkpoint_dir))
     resume = resume_point(config, model, tracking_uri)
     model.nonfinite_policy = config.fit.on_nonfinite
