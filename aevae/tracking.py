@@ -58,20 +58,25 @@ def require_existing(url: str, field: str) -> str:
 RUN_FILES = ("config.yaml", "checkpoints/best.ckpt")  # what a finished `aevae train` run can be rebuilt from
 
 
-def fetch_run_files(client: Any, run_id: str, field: str, folder: str) -> tuple[Any, Path, Path]:
-    """The run, its config.yaml and best checkpoint (downloaded to folder); a missing run or file is a
-    UsageError naming the field."""
+def fetch_run_files(
+    client: Any, run_id: str, field: str, folder: str, checkpoint: bool = True
+) -> tuple[Any, Path, Path | None]:
+    """The run, its config.yaml and best checkpoint (downloaded to folder; None unless ``checkpoint``); a missing
+    run or file is a UsageError naming the field."""
     from mlflow.exceptions import MlflowException
 
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
         raise UsageError(f"{field}: no run {run_id!r} in the tracking store") from err
+    needed = RUN_FILES if checkpoint else RUN_FILES[:1]
     logged = {item.path for path in ("", "checkpoints") for item in client.list_artifacts(run_id, path)}
-    if not set(RUN_FILES) <= logged:
-        raise UsageError(f"{field}: run {run_id} has no {' or '.join(RUN_FILES)} artifact; was it trained by aevae?")
-    config, checkpoint = (Path(client.download_artifacts(run_id, name, folder)) for name in RUN_FILES)
-    return run, config, checkpoint
+    if not set(needed) <= logged:
+        hint = " (trained with tracking.log_checkpoints: none?)" if RUN_FILES[0] in logged else "; was it trained by aevae?"
+        missing = " or ".join(name for name in needed if name not in logged)
+        raise UsageError(f"{field}: run {run_id} has no {missing} artifact{hint}")
+    files = [Path(client.download_artifacts(run_id, name, folder)) for name in needed]
+    return run, files[0], files[1] if checkpoint else None
 
 
 def writable_folder(folder: Path, field: str) -> None:

@@ -42,11 +42,13 @@ class TrackingOptions:
         uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlruns/mlflow.db``.
         experiment: MLflow experiment name.
         run_name: run name; default says model, latent size, beta and seed (``vae-z4-b1-s0``).
+        log_checkpoints: ``best`` logs the best checkpoint to the run; ``none`` keeps the record small (sweep trials).
     """
 
     uri: str | None = None
     experiment: str = "aevae"
     run_name: str | None = None
+    log_checkpoints: Literal["best", "none"] = "best"
 
 
 @dataclass
@@ -277,7 +279,7 @@ def run_training(
         if config.fit.test:
             trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
             metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
-        if client is not None and best:
+        if client is not None and best and config.tracking.log_checkpoints == "best":
             client.log_artifact(run_id, best, "checkpoints")
         latent = None
         if client is not None and latent_options.enabled:
