@@ -152,3 +152,29 @@ def test_server_bad_input_is_one_line_and_starts_nothing(args, message, postgres
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1, error
     assert PASSWORD not in error and not (tmp_path / "mlruns").exists()
+
+
+def test_a_sigkilled_workers_run_is_closed_on_the_server(server, admin, postgres_url, tmp_path):
+    overrides = {**TINY_SWEEP["overrides"], "tracking.uri": server["url"], "trainer.max_epochs": 3,
+                 "trainer.limit_train_batches": 8, "tracking.log_checkpoints": "none", "tracking.experiment": "killed"}  # fmt: skip
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump({**TINY_SWEEP, "overrides": overrides}))
+    command = [sys.executable, "-m", "aevae", "sweep", "--config", "killed.yaml", "--workers", "2", "--storage", postgres_url]
+    log = (tmp_path / "sweep.log").open("w")
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=cli_env(LOGIN), stdout=log, stderr=subprocess.STDOUT)
+    experiment, killed, deadline = None, None, time.monotonic() + 300
+    while killed is None and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        experiment = experiment or admin.get_experiment_by_name("killed")
+        running = [run for run in admin.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+                   if "optuna.trial" in run.data.tags] if experiment else []  # fmt: skip
+        if running:
+            killed = running[0]
+            os.kill(int(killed.data.tags["optuna.worker"].rsplit(":", 1)[1]), signal.SIGKILL)  # its run just begun
+    assert killed is not None, (tmp_path / "sweep.log").read_text()[-3000:]
+    assert sweep.wait(timeout=300) == 1  # the sweep says a worker failed; the other finished the study
+    assert "1 of 2 workers failed" in (tmp_path / "sweep.log").read_text()
+    closed = admin.get_run(killed.info.run_id)
+    assert closed.info.status == "KILLED" and "no heartbeat" in closed.data.tags["failure_reason"]
+    trials = [run for run in admin.search_runs([experiment.experiment_id]) if "optuna.trial" in run.data.tags]
+    assert len([run for run in trials if run.info.status == "FINISHED"]) >= 2  # the study's two trials, done
+    assert not admin.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
