@@ -65,6 +65,13 @@ def compare(args: Sequence[str]) -> int:
     return 0
 
 
+def server(args: Sequence[str]) -> int:
+    """Start a team's MLflow tracking server (PostgreSQL or SQLite, proxied artifacts, basic auth)."""
+    from aevae.server import server as start_server
+
+    return start_server(args)
+
+
 def reproduce(args: Sequence[str]) -> int:
     """Retrain a finished run or a sweep's best trial on any devices; compare; register the model."""
     from aevae.reproduce import reproduce_command
@@ -72,8 +79,8 @@ def reproduce(args: Sequence[str]) -> int:
     return reproduce_command(args)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "sweep": sweep, "best": best, "analyze": analyze, "compare": compare, "reproduce": reproduce}
-QUIET_COMMANDS = {"ui", "snapshot"}  # they start no library that chatters
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "sweep": sweep, "best": best, "analyze": analyze, "compare": compare, "reproduce": reproduce, "server": server}
+QUIET_COMMANDS = {"ui", "snapshot", "server"}  # they start no library that chatters
 CONSOLE_FLAGS = ("--verbose", "--quiet")
 
 

@@ -44,11 +44,13 @@ class TrackingOptions:
         uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlruns/mlflow.db``.
         experiment: MLflow experiment name.
         run_name: run name; default says model, latent size, beta and seed (``vae-z4-b1-s0``).
+        log_checkpoints: ``best`` logs the best checkpoint to the run; ``none`` keeps the record small (sweep trials).
     """
 
     uri: str | None = None
     experiment: str = "aevae"
     run_name: str | None = None
+    log_checkpoints: Literal["best", "none"] = "best"
 
 
 @dataclass
@@ -262,6 +264,7 @@ def run_training(
     if config.fit.resume:
         tracking.require_existing(tracking_uri, "fit.resume")
     tracking.open_store(tracking_uri)
+    tracking.experiment_id(MlflowClient(tracking_uri), config.tracking.experiment, tracking_uri)  # marked for the UI
     check_room_for_checkpoints(model, Path(config.fit.checkpoint_dir))
     resume = resume_point(config, model, tracking_uri)
     model.nonfinite_policy = config.fit.on_nonfinite
@@ -300,7 +303,7 @@ def run_training(
         if config.fit.test:
             trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
             metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
-        if client is not None and best:
+        if client is not None and best and config.tracking.log_checkpoints == "best":
             client.log_artifact(run_id, best, "checkpoints")
         latent = None
         if client is not None and latent_options.enabled:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.request import urlopen
@@ -138,3 +141,66 @@ def serve_ui(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
         except ProcessLookupError:
             pass
         server.wait()
+
+
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster the tests own: its URL, and stop/start to take it away for a while."""
+
+    url: str
+    command: list[str]
+    data: Path
+    log: Path
+    options: str
+
+    def stop(self) -> None:
+        subprocess.run([*self.command, "-D", self.data, "-m", "immediate", "stop"], capture_output=True)
+
+    def start(self) -> None:
+        subprocess.run(
+            [*self.command, "-D", self.data, "-l", self.log, "-o", self.options, "-w", "start"],
+            check=True,
+            capture_output=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL cluster on a free loopback port, run as the postgres OS user when we are root."""
+    pg_ctl = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    assert pg_ctl, "PostgreSQL is not installed: run `make system-deps`"
+    folder = Path(tempfile.mkdtemp(prefix="aevae-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(folder, "postgres")
+    port = free_port()
+    data, options = folder / "data", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*as_postgres, pg_ctl[-1].with_name("initdb"), "-D", data, "-U", "postgres", "-A", "trust", "-N"],
+        check=True,
+        capture_output=True,
+    )
+    server = Postgres(f"postgresql://postgres@127.0.0.1:{port}/postgres", [*as_postgres, str(pg_ctl[-1])], data,
+                      folder / "log", options)  # fmt: skip
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres: Postgres) -> str:
+    """A fresh database on the session's PostgreSQL cluster: each test its own record and studies."""
+    return new_database(postgres)
+
+
+def new_database(postgres: Postgres) -> str:
+    """The URL of a new, empty database on the cluster."""
+    import sqlalchemy
+
+    name = f"t{time.monotonic_ns()}"
+    engine = sqlalchemy.create_engine(postgres.url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return f"{postgres.url.rsplit('/', 1)[0]}/{name}"

@@ -140,7 +140,7 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path: Path, tracking_uri:
     client = MlflowClient(tracking_uri)
     bare = client.create_run(client.get_run(source_id).info.experiment_id).info.run_id
     client.set_terminated(bare)
-    assert "has no config.yaml or checkpoints/best.ckpt" in _fails(capsys, "--run-id", bare, *uri)
+    assert "has no config.yaml artifact" in _fails(capsys, "--run-id", bare, *uri)
     client.create_registered_model("ae-models", tags={"model_kind": "ae"})
     assert "holds ae models, not vae" in _fails(capsys, "--run-id", source_id, "--register-as", "ae-models", *uri)
     assert len(runs(tracking_uri)) == 2  # the source and the bare run: nothing new
