@@ -139,6 +139,24 @@ def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
     return batch
 
 
+def check_classes(classes: list[int] | None) -> None:
+    """data.classes: None, or distinct labels 0..9 that keep at least one class."""
+    if classes is None:
+        return
+    if not classes or any(not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 9 for c in classes):
+        raise UsageError(f"data.classes must be a non-empty list of labels in 0..9, got {classes}")
+    if len(set(classes)) != len(classes):
+        raise UsageError(f"data.classes lists a label twice: {classes}")
+
+
+def keep_classes(images: np.ndarray, labels: np.ndarray, classes: list[int], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Only the images whose label is in classes."""
+    keep = np.isin(labels, classes)
+    if not keep.any():
+        raise UsageError(f"data.classes: no {split} image has a label in {classes}")
+    return images[keep], labels[keep]
+
+
 class ImageDataModule(pl.LightningDataModule):
     """MNIST, Fashion-MNIST or the embedded 5k MNIST digits, with a seeded validation split.
 
@@ -151,6 +169,7 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: seed of the train/validation (and, for mnist-5k, train/test) split.
         binarize: sample binary pixels: per batch in training, once (seeded) for val/test.
         num_workers: DataLoader workers; 0 keeps everything in the main process (fastest in memory).
+        classes: class labels to keep in every split (e.g. digits 0-8, holding 9 out); None keeps all.
     """
 
     def __init__(
@@ -163,6 +182,7 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         binarize: bool = False,
         num_workers: int = 0,
+        classes: list[int] | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -173,6 +193,7 @@ class ImageDataModule(pl.LightningDataModule):
             raise UsageError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if num_workers < 0:
             raise UsageError(f"data.num_workers must be >= 0, got {num_workers}")
+        check_classes(classes)
         self.save_hyperparameters()
         self.source = source
         self.root = Path(root) if root else default_data_root()
@@ -182,6 +203,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self.binarize = binarize
         self.num_workers = num_workers
+        self.classes = None if classes is None else sorted(classes)
         self.splits: dict[str, InMemoryImages] = {}
 
     def prepare_data(self) -> None:
@@ -195,6 +217,8 @@ class ImageDataModule(pl.LightningDataModule):
             arrays = load_mnist_5k(test_size=1000, seed=self.split_seed)
         else:
             arrays = load_idx_source(self.source, self.root, download=False)
+        if self.classes is not None:
+            arrays = {split: keep_classes(*pair, self.classes, split) for split, pair in arrays.items()}
         train_images, train_labels = arrays["train"]
         order = np.random.default_rng(self.split_seed).permutation(len(train_images))
         n_val = max(1, round(self.val_fraction * len(order)))
