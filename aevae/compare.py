@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from jsonargparse import ArgumentParser, Namespace
@@ -37,15 +37,16 @@ class CompareOptions:
             ``{class_path: ..., init_args: {...}}`` whose init_args override the experiment's, e.g. a VAE with
             another ``kl_weight``.
         output_dir: local folder for the figure and the table (both are also logged to the parent run).
-        ood_against: also score each run's out-of-distribution detection against this source (`aevae ood`).
-        sample_quality: also score each run's samples (`aevae samples`).
+        ood: also score each run's out-of-distribution detection, as `aevae ood` with these options,
+            e.g. ``{against: fashion-mnist, k: 100}``.
+        samples: also score each run's samples, as `aevae samples` with these options, e.g. ``{n: 10000}``.
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     models: list[Union[str, dict[str, Any]]] = field(default_factory=lambda: ["aevae.models.AE", "aevae.models.VAE"])
     output_dir: str = "out/compare"
-    ood_against: str | None = None
-    sample_quality: bool = False
+    ood: Optional[dict[str, Any]] = None
+    samples: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -219,7 +220,7 @@ def run_compare(args: Sequence[str]) -> Comparison:
     model, datamodule = built[0]  # data, trainer and analysis are the same for all
     training.check_trainer(children[0][2])
     analysis.check(model, datamodule, analysis.AnalysisOptions(**config.analysis.as_dict()))
-    uses.check(config.compare.ood_against, datamodule)
+    uses.check(config.compare.ood, config.compare.samples, datamodule)
     uri = tracking.open_store(config.tracking.uri or tracking.default_tracking_uri())
     client = MlflowClient(uri)
     labels = list(dict.fromkeys(label for label, _, _ in children))
@@ -259,7 +260,7 @@ def compare_children(
     for label, seed, child in children:
         result = training.run_training(child, parent_run_id=parent, tags={"compare.variant": label})
         scores[label][seed] = {**result.metrics, **uses.evaluate(client, uri, result.run_id, result.model,
-                               result.datamodule, config.compare.ood_against, config.compare.sample_quality, seed)}
+                               result.datamodule, config.compare.ood, config.compare.samples, seed)}
         if seed == config.compare.seeds[0]:
             shown.append(result.latent)
     rows = score_table(scores)

@@ -61,9 +61,12 @@ class OodResult:
     seconds: float
 
     def flat(self) -> dict[str, float]:
-        """MLflow metrics: ood/<against>/<score>/<metric>, and its _low and _high bounds."""
+        """MLflow metrics: ood/<against>/<score>/<metric>, its _low and _high bounds, and the score's mean in and out."""
         flat = {f"{ARTIFACT_DIR}/{self.against}/seconds": self.seconds}
         for score, estimates in self.metrics.items():
+            prefix = f"{ARTIFACT_DIR}/{self.against}/{score}"
+            flat[f"{prefix}/mean_in"] = float(np.mean(self.in_scores[score]))
+            flat[f"{prefix}/mean_out"] = float(np.mean(self.out_scores[score]))
             for metric, estimate in estimates.items():
                 key = f"{ARTIFACT_DIR}/{self.against}/{score}/{metric}"
                 flat.update({key: estimate.value, f"{key}_low": estimate.low, f"{key}_high": estimate.high})

@@ -44,3 +44,37 @@ PY
     nice -n 5 "$PYTHON" -m aevae samples --run-id "$run_id" --tracking-uri "$URI"
   done
 fi
+if [[ $STEP == table || $STEP == score || $STEP == all ]]; then
+  "$PYTHON" - "$URI" <<'PY'
+import sys
+import numpy as np
+from mlflow import MlflowClient
+
+client = MlflowClient(sys.argv[1])
+runs = client.search_runs([client.get_experiment_by_name("ood").experiment_id], "attributes.status = 'FINISHED'")
+other = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
+def cell(values):
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} (n={len(values)})" if len(values) > 1 else (f"{values[0]:.3f} (n=1)" if values else "n/a")
+for source in ("mnist", "fashion-mnist"):
+    print(f"\n{source} (in) -> {other[source]} (out): AUROC, mean ± std over seeds; mean score in / out\n")
+    print("| score | AE AUROC | VAE AUROC | AE mean in / out | VAE mean in / out |\n|---|---:|---:|---:|---:|")
+    for score in ("recon", "nelbo", "iwae", "mahalanobis", "complexity"):
+        cells, means = [], []
+        for kind in ("ae", "vae"):
+            mine = [r.data.metrics for r in runs if r.data.tags["data_source"] == source and r.data.tags["model_kind"] == kind]
+            key = f"ood/{other[source]}/{score}"
+            cells.append(cell([m[f"{key}/auroc"] for m in mine if f"{key}/auroc" in m]))
+            ins, outs = [m[f"{key}/mean_in"] for m in mine if f"{key}/mean_in" in m], [m[f"{key}/mean_out"] for m in mine if f"{key}/mean_out" in m]
+            means.append(f"{np.mean(ins):.1f} / {np.mean(outs):.1f}" if ins else "n/a")
+        print(f"| {score} | {' | '.join(cells)} | {' | '.join(means)} |")
+print("\nsample quality on the training source's test images: mean ± std over seeds\n")
+print("| data | sampler | FD | precision | recall |\n|---|---|---:|---:|---:|")
+for source in ("mnist", "fashion-mnist"):
+    for kind, sampler in (("vae", "prior"), ("vae", "gmm"), ("ae", "gmm")):
+        mine = [r.data.metrics for r in runs if r.data.tags["data_source"] == source and r.data.tags["model_kind"] == kind]
+        row = [cell([m[f"samples/{sampler}/{x}"] for m in mine if f"samples/{sampler}/{x}" in m]) for x in ("fd", "precision", "recall")]
+        print(f"| {source} | {kind.upper()} {sampler} | {' | '.join(row)} |")
+    floor = [r.data.metrics["samples/test_fd_half"] for r in runs if r.data.tags["data_source"] == source and "samples/test_fd_half" in r.data.metrics]
+    print(f"| {source} | test half vs half (floor) | {cell(floor)} | | |")
+PY
+fi
