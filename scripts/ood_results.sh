@@ -2,7 +2,8 @@
 # The runs behind docs/ood.md: AE and VAE (latent_dim 16, hidden [256, 128], EPOCHS epochs on the full training
 # data) on MNIST and on Fashion-MNIST, seeds 0-2, each scored by `aevae ood` against the other data set and by
 # `aevae samples`. The two sources train side by side, one thread each.
-#   AEVAE_DATA_ROOT=/folder/holding/MNIST bash scripts/ood_results.sh STORE_FOLDER [train|score|all]
+#   AEVAE_DATA_ROOT=/folder/holding/MNIST bash scripts/ood_results.sh STORE_FOLDER [train|score|table|all]
+# `score` skips what a run already has, so it can run again (or beside `train`) to pick up new runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -32,16 +33,23 @@ if [[ $STEP == train || $STEP == all ]]; then
   train_source mnist & train_source fashion-mnist & wait
 fi
 if [[ $STEP == score || $STEP == all ]]; then
-  "$PYTHON" - "$URI" <<'PY' | while read -r run_id source; do
+  "$PYTHON" - "$URI" <<'PY' | while read -r run_id source ood samples; do
 import sys
 from mlflow import MlflowClient
 client = MlflowClient(sys.argv[1])
 experiment = client.get_experiment_by_name("ood")
+other = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
 for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", order_by=["start_time"]):
-    print(run.info.run_id, run.data.tags["data_source"])
+    source, metrics = run.data.tags["data_source"], run.data.metrics
+    print(run.info.run_id, source, f"ood/{other[source]}/seconds" not in metrics, "samples/test_fd_half" not in metrics)
 PY
-    nice -n 5 "$PYTHON" -m aevae ood --run-id "$run_id" --against "${OTHER[$source]}" --k "$K" --max_images "$MAX_IMAGES" --tracking-uri "$URI"
-    nice -n 5 "$PYTHON" -m aevae samples --run-id "$run_id" --tracking-uri "$URI"
+    if [[ $ood == True ]]; then
+      nice -n 5 "$PYTHON" -m aevae ood --run-id "$run_id" --against "${OTHER[$source]}" --k "$K" \
+        --max_images "$MAX_IMAGES" --tracking-uri "$URI" </dev/null
+    fi
+    if [[ $samples == True ]]; then
+      nice -n 5 "$PYTHON" -m aevae samples --run-id "$run_id" --tracking-uri "$URI" </dev/null
+    fi
   done
 fi
 if [[ $STEP == table || $STEP == score || $STEP == all ]]; then

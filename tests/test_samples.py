@@ -46,3 +46,44 @@ def test_gmm_codes_follow_the_training_codes_and_are_seeded() -> None:
     drawn = gmm_codes(codes, 1000, components=2, seed=0)
     assert torch.equal(drawn, gmm_codes(codes, 1000, components=2, seed=0))
     assert (drawn.abs() > 4).all() and 0.4 < (drawn[:, 0] > 0).float().mean() < 0.6
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory: pytest.TempPathFactory):
+    from test_ood import tiny
+
+    from aevae.training import parse_config, run_training
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    config = parse_config([*tiny("vae"), "--tracking.uri", uri, "--fit.checkpoint_dir", str(tmp_path_factory.mktemp("ckpt"))])
+    return run_training(config).run_id, uri
+
+
+def test_aevae_samples_logs_scores_and_trains_the_classifier_once(vae_run, capsys) -> None:
+    from aevae.cli import main
+
+    run_id, uri = vae_run
+    for _ in range(2):
+        assert main(["samples", "--run-id", run_id, "--n", "300", "--tracking-uri", uri]) == 0
+    assert "prior/fd=" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    metrics = client.get_run(run_id).data.metrics
+    for sampler in ("prior", "gmm"):
+        assert metrics[f"samples/{sampler}/fd"] > metrics["samples/test_fd_half"] >= 0
+        assert 0 <= metrics[f"samples/{sampler}/precision"] <= 1 and 0 <= metrics[f"samples/{sampler}/recall"] <= 1
+    assert metrics["samples/classifier_test_acc"] > 0.9
+    nets = client.search_runs([client.get_experiment_by_name("feature-nets").experiment_id])
+    assert len(nets) == 1  # cached: the second call loaded it
+    assert {item.path for item in client.list_artifacts(run_id, "samples")} == {"samples/prior.png", "samples/gmm.png"}
+
+
+@pytest.mark.parametrize("extra, message", [(["--n", "1"], "n: must be >= 4"), (["--components", "0"], "components")])
+def test_bad_samples_input_is_one_line_exit_2_and_writes_nothing(vae_run, tmp_path: Path, extra, message) -> None:
+    from conftest import run_aevae
+
+    run_id, uri = vae_run
+    client = MlflowClient(uri)
+    before = (client.get_run(run_id).data.metrics, client.list_artifacts(run_id), len(client.search_experiments()))
+    done = run_aevae("samples", "--run-id", run_id, *extra, "--tracking-uri", uri, cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+    assert (client.get_run(run_id).data.metrics, client.list_artifacts(run_id), len(client.search_experiments())) == before
