@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from aevae.samples import frechet_distance, frechet_distance_from_stats, gmm_codes, precision_recall
+from aevae.samples import frechet_distance, frechet_distance_from_stats, gmm_codes, knn_radii, precision_recall
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero() -> None:
@@ -35,6 +35,8 @@ def test_precision_and_recall_of_identical_sets_are_one_and_of_far_sets_zero() -
 def test_precision_recall_on_a_hand_case() -> None:
     real = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])  # 3-NN radii: 3, 2, 2, 3, 9
     generated = np.array([[0.5], [20.0], [30.0], [40.0], [50.0]])  # 3-NN radii: 39.5, 20, 20, 20, 30
+    assert knn_radii(torch.from_numpy(real), 3).tolist() == [3.0, 2.0, 2.0, 3.0, 9.0]  # self excluded
+    assert knn_radii(torch.from_numpy(generated), 3).tolist() == [39.5, 20.0, 20.0, 20.0, 30.0]
     precision, recall = precision_recall(real, generated, k=3)
     assert precision == 1 / 5  # only 0.5 lies in a real ball; 20 is 10 from 10, outside its radius 9
     assert recall == 1.0  # every real point is within 29.5 of 0.5
