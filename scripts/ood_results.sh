@@ -13,6 +13,7 @@ EPOCHS=${EPOCHS:-2}
 MAX_IMAGES=${MAX_IMAGES:-10000}
 export OMP_NUM_THREADS=1
 K=${K:-100}
+ONLY=${ONLY:-}  # score only the runs whose name contains this, e.g. vae-mnist (to score in parallel)
 export MPLBACKEND=Agg
 mkdir -p "$STORE"
 URI="sqlite:///$STORE/mlflow.db"
@@ -33,7 +34,7 @@ if [[ $STEP == train || $STEP == all ]]; then
   train_source mnist & train_source fashion-mnist & wait
 fi
 if [[ $STEP == score || $STEP == all ]]; then
-  "$PYTHON" - "$URI" <<'PY' | while read -r run_id source ood samples; do
+  "$PYTHON" - "$URI" "$ONLY" <<'PY' | while read -r run_id source ood samples; do
 import sys
 from mlflow import MlflowClient
 client = MlflowClient(sys.argv[1])
@@ -41,6 +42,8 @@ experiment = client.get_experiment_by_name("ood")
 other = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
 for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", order_by=["start_time"]):
     source, metrics = run.data.tags["data_source"], run.data.metrics
+    if sys.argv[2] not in run.info.run_name:
+        continue
     print(run.info.run_id, source, f"ood/{other[source]}/seconds" not in metrics, "samples/test_fd_half" not in metrics)
 PY
     if [[ $ood == True ]]; then
