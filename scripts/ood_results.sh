@@ -13,7 +13,9 @@ EPOCHS=${EPOCHS:-2}
 MAX_IMAGES=${MAX_IMAGES:-10000}
 export OMP_NUM_THREADS=1
 K=${K:-100}
-ONLY=${ONLY:-}  # score only the runs whose name contains this, e.g. vae-mnist (to score in parallel)
+ONLY=${ONLY:-}  # score only the runs whose name matches this regex, e.g. ^vae-mnist (to score in parallel)
+DO=${DO:-ood samples}  # what the score step computes
+N_SAMPLES=${N_SAMPLES:-10000}
 export MPLBACKEND=Agg
 mkdir -p "$STORE"
 URI="sqlite:///$STORE/mlflow.db"
@@ -35,6 +37,7 @@ if [[ $STEP == train || $STEP == all ]]; then
 fi
 if [[ $STEP == score || $STEP == all ]]; then
   "$PYTHON" - "$URI" "$ONLY" <<'PY' | while read -r run_id source ood samples; do
+import re
 import sys
 from mlflow import MlflowClient
 client = MlflowClient(sys.argv[1])
@@ -42,16 +45,16 @@ experiment = client.get_experiment_by_name("ood")
 other = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
 for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", order_by=["start_time"]):
     source, metrics = run.data.tags["data_source"], run.data.metrics
-    if sys.argv[2] not in run.info.run_name:
+    if not re.search(sys.argv[2], run.info.run_name):
         continue
     print(run.info.run_id, source, f"ood/{other[source]}/seconds" not in metrics, "samples/test_fd_half" not in metrics)
 PY
-    if [[ $ood == True ]]; then
+    if [[ $ood == True && $DO == *ood* ]]; then
       nice -n 5 "$PYTHON" -m aevae ood --run-id "$run_id" --against "${OTHER[$source]}" --k "$K" \
         --max_images "$MAX_IMAGES" --tracking-uri "$URI" </dev/null
     fi
-    if [[ $samples == True ]]; then
-      nice -n 5 "$PYTHON" -m aevae samples --run-id "$run_id" --tracking-uri "$URI" </dev/null
+    if [[ $samples == True && $DO == *samples* ]]; then
+      nice -n 5 "$PYTHON" -m aevae samples --run-id "$run_id" --n "$N_SAMPLES" --tracking-uri "$URI" </dev/null
     fi
   done
 fi
