@@ -67,6 +67,14 @@ from mlflow import MlflowClient
 client = MlflowClient(sys.argv[1])
 runs = client.search_runs([client.get_experiment_by_name("ood").experiment_id], "attributes.status = 'FINISHED'")
 other = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
+def seeds(source, kind):
+    """One metrics dict per seed: a seed trained twice (same config, same weights) counts once."""
+    merged = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time):
+        if r.data.tags["data_source"] == source and r.data.tags["model_kind"] == kind:
+            into = merged.setdefault(r.data.tags["seed"], {})
+            into.update({k: v for k, v in r.data.metrics.items() if k not in into})
+    return list(merged.values())
 def cell(values):
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} (n={len(values)})" if len(values) > 1 else (f"{values[0]:.3f} (n=1)" if values else "n/a")
 for source in ("mnist", "fashion-mnist"):
@@ -75,7 +83,7 @@ for source in ("mnist", "fashion-mnist"):
     for score in ("recon", "nelbo", "iwae", "mahalanobis", "complexity"):
         cells, means = [], []
         for kind in ("ae", "vae"):
-            mine = [r.data.metrics for r in runs if r.data.tags["data_source"] == source and r.data.tags["model_kind"] == kind]
+            mine = seeds(source, kind)
             key = f"ood/{other[source]}/{score}"
             cells.append(cell([m[f"{key}/auroc"] for m in mine if f"{key}/auroc" in m]))
             ins, outs = [m[f"{key}/mean_in"] for m in mine if f"{key}/mean_in" in m], [m[f"{key}/mean_out"] for m in mine if f"{key}/mean_out" in m]
@@ -85,10 +93,10 @@ print("\nsample quality on the training source's test images: mean ± std over s
 print("| data | sampler | FD | precision | recall |\n|---|---|---:|---:|---:|")
 for source in ("mnist", "fashion-mnist"):
     for kind, sampler in (("vae", "prior"), ("vae", "gmm"), ("ae", "gmm")):
-        mine = [r.data.metrics for r in runs if r.data.tags["data_source"] == source and r.data.tags["model_kind"] == kind]
+        mine = seeds(source, kind)
         row = [cell([m[f"samples/{sampler}/{x}"] for m in mine if f"samples/{sampler}/{x}" in m]) for x in ("fd", "precision", "recall")]
         print(f"| {source} | {kind.upper()} {sampler} | {' | '.join(row)} |")
-    floor = [r.data.metrics["samples/test_fd_half"] for r in runs if r.data.tags["data_source"] == source and "samples/test_fd_half" in r.data.metrics]
+    floor = [m["samples/test_fd_half"] for m in seeds(source, "ae") + seeds(source, "vae") if "samples/test_fd_half" in m]
     print(f"| {source} | test half vs half (floor) | {cell(floor)} | | |")
 PY
 fi
