@@ -79,7 +79,21 @@ def reproduce(args: Sequence[str]) -> int:
     return reproduce_command(args)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "sweep": sweep, "best": best, "analyze": analyze, "compare": compare, "reproduce": reproduce, "server": server}
+def ood(args: Sequence[str]) -> int:
+    """Out-of-distribution detection: score a run's test images against another data set's (AUROC, AUPR, FPR95)."""
+    from aevae.ood import ood_command
+
+    return ood_command(args)
+
+
+def samples(args: Sequence[str]) -> int:
+    """Sample quality: VAE prior and AE/VAE + GMM samples against test images (Fréchet distance, precision/recall)."""
+    from aevae.samples import samples_command
+
+    return samples_command(args)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "sweep": sweep, "best": best, "analyze": analyze, "compare": compare, "reproduce": reproduce, "server": server, "ood": ood, "samples": samples}
 QUIET_COMMANDS = {"ui", "snapshot", "server"}  # they start no library that chatters
 CONSOLE_FLAGS = ("--verbose", "--quiet")
 

@@ -109,3 +109,24 @@ def test_read_idx_reads_plain_and_gzip(tmp_path: Path) -> None:
 def test_bad_arguments_name_the_field(kwargs: dict) -> None:
     with pytest.raises(UsageError, match="data\\."):
         ImageDataModule(**kwargs)
+
+
+def test_classes_keep_only_those_labels_in_every_split() -> None:
+    data = ImageDataModule(source="mnist-5k", classes=[3, 0, 8])
+    data.setup()
+    full = ImageDataModule(source="mnist-5k")
+    full.setup()
+    for split in ("train", "val", "test"):
+        assert set(data.splits[split].labels.tolist()) == {0, 3, 8}
+    test_labels = full.splits["test"].labels
+    kept = torch.isin(test_labels, torch.tensor([0, 3, 8]))
+    assert torch.equal(data.splits["test"].images, full.splits["test"].images[kept])  # same images, same order
+    assert len(data.splits["train"]) + len(data.splits["val"]) == int(
+        torch.isin(torch.cat([full.splits["train"].labels, full.splits["val"].labels]), torch.tensor([0, 3, 8])).sum()
+    )
+
+
+@pytest.mark.parametrize("classes", [[], [10], [-1], [1, 1], [True]])
+def test_bad_classes_name_the_field(classes: list) -> None:
+    with pytest.raises(UsageError, match="data\\.classes"):
+        ImageDataModule(source="mnist-5k", classes=classes)
