@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export MPLBACKEND := Agg
-# Tests and CI read the read-only MNIST copy beside the checkout when it is there.
-export AEVAE_DATA_ROOT ?= $(abspath ../shared/datasets)
 
 .PHONY: demo test install install-dev system-deps benchmarks snapshot clean
 
