@@ -1,4 +1,4 @@
-"""The figures aevae reports, against ground truth: IWAE vs exact log p(x), epoch metrics recomputed by hand."""
+"""The figures aevae reports, against ground truth: IWAE vs exact log p(x), epoch metrics and scores by hand."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import math
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 from torch import Tensor, nn
 
+from aevae.analysis import Codes, kl_scores, probe_scores
+from aevae.compare import mean_std, paired_p, score_table
 from aevae.data import ImageDataModule, InMemoryImages
 from aevae.models import VAE, gaussian_kl_per_dim, reconstruction_nll
 from aevae.training import parse_config, run_training
@@ -188,3 +191,42 @@ def test_binarization_draws_fresh_pixels_for_every_training_batch() -> None:
     again = training_batches(seed=0)
     assert torch.equal(again[0], first) and torch.equal(again[1], second)  # same seed, same draws
     assert not torch.equal(training_batches(seed=1)[0], first)
+
+
+def test_kl_scores_and_active_units_by_hand() -> None:
+    mean = np.array([[1.0, 0.0, 0.05], [-1.0, 0.0, -0.05]], dtype=np.float32)
+    logvar = np.array([[0.0, 0.0, 0.0], [math.log(4.0), 0.0, 0.0]], dtype=np.float32)
+    scores = kl_scores(Codes(z=mean, labels=np.zeros(2, dtype=np.int64), logvar=logvar, mean=mean))
+    # KL of N(m, s2) from N(0, 1) = (m2 + s2 - 1 - log s2) / 2; dimension 0: (1 + 0) / 2 and (1 + 3 - log 4) / 2
+    assert scores["kl_dim_0"] == pytest.approx((0.5 + (4.0 - math.log(4.0)) / 2) / 2, rel=1e-6)
+    assert scores["kl_dim_1"] == 0.0
+    assert scores["kl_dim_2"] == pytest.approx(0.05**2 / 2, rel=1e-4)  # 0.00125 nats: below the 0.01 threshold
+    assert scores["active_units"] == 1.0
+
+
+def test_probe_scores_read_digit_identity_from_the_codes() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    centres = 10.0 * np.eye(4, dtype=np.float32)
+    z = centres[labels] + rng.normal(size=(120, 4)).astype(np.float32)
+    train, test = Codes(z=z[::2], labels=labels[::2]), Codes(z=z[1::2], labels=labels[1::2])
+    assert probe_scores(train, test) == {"knn_acc": 1.0, "probe_acc": 1.0}
+    test_flipped = Codes(z=test.z, labels=(test.labels + 1) % 4)  # every label wrong
+    assert probe_scores(train, test_flipped) == {"knn_acc": 0.0, "probe_acc": 0.0}
+
+
+def test_score_table_means_stds_and_paired_differences_by_hand() -> None:
+    scores = {
+        "ae": {0: {"knn_acc": 0.80}, 1: {"knn_acc": 0.90}, 2: {"knn_acc": 0.70}},
+        "vae": {0: {"knn_acc": 0.85}, 1: {"knn_acc": 0.90}, 2: {"knn_acc": 0.80}},
+    }
+    (row,) = score_table(scores)
+    assert row["score"] == "knn_acc" and row["seeds"] == 3
+    assert row["ae_mean"] == pytest.approx(0.8) and row["ae_std"] == pytest.approx(0.1)  # sample std (n - 1)
+    assert row["vae_mean"] == pytest.approx(0.85) and row["vae_std"] == pytest.approx(0.05)
+    differences = [0.05, 0.0, 0.10]
+    assert row["vae-ae_mean"] == pytest.approx(0.05) and row["vae-ae_std"] == pytest.approx(0.05)
+    t = 0.05 / (0.05 / math.sqrt(3))  # paired t with 2 degrees of freedom: p = 1 - t / sqrt(t^2 + 2)
+    assert row["vae-ae_p"] == pytest.approx(1 - t / math.sqrt(t**2 + 2), rel=1e-9)
+    assert mean_std([3.0]) == (3.0, 0.0)
+    assert paired_p(differences[:1]) is None and paired_p([0.0, 0.0]) == 1.0 and paired_p([0.2, 0.2]) == 0.0
