@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -16,6 +17,7 @@ def train(args: Sequence[str]) -> int:
     """Train an AE or VAE from an experiment config, recorded as one MLflow run."""
     from aevae.training import parse_config, run_training
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: the run ends KILLED, exit 1
     result = run_training(parse_config(args))
     if result.run_id:
         print(f"run {result.run_id} finished: {mask_secrets(result.tracking_uri)}")

@@ -17,7 +17,7 @@ DEMO = str(REPO / "experiments" / "vae_demo.yaml")
 TINY = [
     "--model.hidden_dims", "[32]", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "5",
     "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
+    "--trainer.enable_model_summary", "false", "--analysis.enabled", "false",  # no test here reads the analysis
 ]  # fmt: skip
 
 
