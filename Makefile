@@ -34,7 +34,7 @@ MUTATED := "aevae.models.x_*" "aevae.models.xǁ*" "aevae.analysis.x_silhouette*"
 	"aevae.analysis.x_probe_scores*" "aevae.analysis.x_kl_scores*" "aevae.compare.x_mean_std*" \
 	"aevae.compare.x_paired_p*" "aevae.compare.x_score_table*"
 mutation: install
-	nice -n 5 $(BIN)/mutmut run $(MUTATED)
+	nice -n 5 $(BIN)/mutmut run --max-children 2 $(MUTATED)
 	$(BIN)/mutmut results
 
 # Record mlruns/ in mlruns.dvc and push it to the default DVC remote (refused while anything writes to it).

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from torch import Tensor, nn
 
 from aevae.analysis import Codes, kl_scores, probe_scores
+from aevae.checkpoints import read_checkpoint
 from aevae.compare import mean_std, paired_p, score_table
 from aevae.data import ImageDataModule, InMemoryImages
 from aevae.models import VAE, gaussian_kl_per_dim, reconstruction_nll
@@ -107,6 +108,13 @@ def epoch_means(model: VAE, images: Tensor, batch_size: int = 128) -> dict[str, 
     return means
 
 
+def weights_of(checkpoint: str | Path) -> VAE:
+    """The test's model (latent 4, hidden [16]) with a checkpoint's weights, in evaluation mode."""
+    model = VAE(latent_dim=4, hidden_dims=[16], sample_latent=False)
+    model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
+    return model.eval()
+
+
 class ScrambleLastEpoch(pl.Callback):
     """Spoils the weights as the last epoch starts, so the best checkpoint is the first epoch's, not the last."""
 
@@ -148,9 +156,8 @@ def test_logged_epoch_metrics_recomputed_by_hand(tmp_path: Path, tracking_uri: s
         assert value == pytest.approx(by_hand, rel=1e-6)
 
     data = result.datamodule
-    best = VAE.load_from_checkpoint(result.best_checkpoint, map_location="cpu", weights_only=True).eval()
-    last_path = Path(result.best_checkpoint).with_name("last.ckpt")  # result.model now holds the best weights
-    last = VAE.load_from_checkpoint(last_path, map_location="cpu", weights_only=True).eval()
+    best = weights_of(result.best_checkpoint)
+    last = weights_of(Path(result.best_checkpoint).with_name("last.ckpt"))  # result.model holds the best weights
     assert epoch_means(best, data.splits["val"].images)["loss"] == pytest.approx(history[0], rel=1e-5)
     val_last = epoch_means(last, data.splits["val"].images)
     test_best = epoch_means(best, data.splits["test"].images)
