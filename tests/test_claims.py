@@ -137,3 +137,26 @@ def test_hyperband_sweep_stops_at_timeout_and_refuses_another_space_on_resume(tm
     assert again.returncode == 2
     assert "with another space or objectives" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     assert len(optuna.load_study(study_name="claims", storage=storage).get_trials()) == len(trials)
+
+
+def test_pareto_index_and_champion_metric_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`reproduce --pareto-index i` takes the i-th Pareto trial by number; `--champion-metric val/kl` decides the
+    alias by val/kl: the two ends of a recon/KL front disagree on it, whatever order they are registered in."""
+    import optuna
+    from test_sweep import write_sweep
+
+    monkeypatch.chdir(tmp_path)
+    objectives = [{"metric": "val/recon", "direction": "minimize"}, {"metric": "val/kl", "direction": "minimize"}]
+    assert main(["sweep", "--config", str(write_sweep(tmp_path, objectives=objectives, n_trials=4))]) == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    front = sorted(study.best_trials, key=lambda t: t.number)
+    assert len(front) >= 2
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    kl_of = {}
+    for index in (len(front) - 1, 0):  # the lowest-KL end is registered first or second, as the front falls
+        assert main(["reproduce", "--study", "tiny", "--pareto-index", str(index), "--champion-metric", "val/kl"]) == 0
+        (run,) = [r for r in all_runs(uri) if r.data.tags.get("source_trial") == str(front[index].number)]
+        kl_of[run.info.run_id] = run.data.metrics["val/kl"]
+    champion = client.get_model_version_by_alias("aevae-vae", "champion")
+    assert champion.run_id == min(kl_of, key=kl_of.get)
