@@ -141,7 +141,7 @@ def test_hyperband_sweep_stops_at_timeout_and_refuses_another_space_on_resume(tm
 
 def test_pareto_index_and_champion_metric_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`reproduce --pareto-index i` takes the i-th Pareto trial by number; `--champion-metric val/kl` decides the
-    alias by val/kl: the two ends of a recon/KL front disagree on it, whatever order they are registered in."""
+    alias by val/kl: the front's highest-KL end first, then its lowest-KL end, which takes the alias."""
     import optuna
     from test_sweep import write_sweep
 
@@ -153,10 +153,11 @@ def test_pareto_index_and_champion_metric_end_to_end(tmp_path: Path, monkeypatch
     assert len(front) >= 2
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     client = MlflowClient(uri)
+    by_kl = sorted(range(len(front)), key=lambda i: front[i].values[1])
     kl_of = {}
-    for index in (len(front) - 1, 0):  # the lowest-KL end is registered first or second, as the front falls
+    for index in (by_kl[-1], by_kl[0]):  # the highest-KL end first: the alias must then move to the lowest
         assert main(["reproduce", "--study", "tiny", "--pareto-index", str(index), "--champion-metric", "val/kl"]) == 0
         (run,) = [r for r in all_runs(uri) if r.data.tags.get("source_trial") == str(front[index].number)]
         kl_of[run.info.run_id] = run.data.metrics["val/kl"]
-    champion = client.get_model_version_by_alias("aevae-vae", "champion")
-    assert champion.run_id == min(kl_of, key=kl_of.get)
+        champion = client.get_model_version_by_alias("aevae-vae", "champion")
+        assert champion.run_id == min(kl_of, key=kl_of.get)

@@ -236,4 +236,18 @@ def test_score_table_means_stds_and_paired_differences_by_hand() -> None:
     t = 0.05 / (0.05 / math.sqrt(3))  # paired t with 2 degrees of freedom: p = 1 - t / sqrt(t^2 + 2)
     assert row["vae-ae_p"] == pytest.approx(1 - t / math.sqrt(t**2 + 2), rel=1e-9)
     assert mean_std([3.0]) == (3.0, 0.0)
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))  # two seeds have a spread
     assert paired_p(differences[:1]) is None and paired_p([0.0, 0.0]) == 1.0 and paired_p([0.2, 0.2]) == 0.0
+
+
+def test_score_table_leaves_a_score_one_variant_lacks_unpaired() -> None:
+    """AEs have no active_units: the VAE's mean is reported, no difference and no p-value are made up."""
+    scores = {
+        "ae": {0: {"knn_acc": 0.8}, 1: {"knn_acc": 0.9}},
+        "vae": {0: {"knn_acc": 0.8, "active_units": 3.0}, 1: {"knn_acc": 0.9, "active_units": 5.0}},
+    }
+    rows = {row["score"]: row for row in score_table(scores)}
+    units = rows["active_units"]
+    assert units["ae_mean"] is None and units["vae_mean"] == 4.0
+    assert units["vae-ae_mean"] is None and units["vae-ae_std"] is None and units["vae-ae_p"] is None
+    assert rows["knn_acc"]["vae-ae_mean"] == 0.0 and rows["knn_acc"]["vae-ae_p"] == 1.0
