@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -20,6 +21,7 @@ def train(args: Sequence[str]) -> int:
     """Train an AE or VAE from an experiment config, recorded as one MLflow run."""
     from aevae.training import parse_config, run_training
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: the run ends KILLED, exit 1
     if console.level() == "quiet":  # only the result: no progress bar, no model summary
         args = [*args, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     result = run_training(parse_config(args))

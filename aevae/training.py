@@ -177,10 +177,12 @@ class TrainingResult:
 def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
     """The one Trainer factory: config's trainer options plus aevae's checkpointing and early stopping."""
     checkpoints = ModelCheckpoint(
-        monitor=MONITOR, mode="min", save_top_k=1, save_last=True, filename="best", enable_version_counter=False,
+        monitor=MONITOR, mode="min", save_top_k=1, filename="best", enable_version_counter=False,
         save_on_train_epoch_end=True,  # after the whole epoch, so a resume starts at a clean epoch boundary
     )  # fmt: skip
-    all_callbacks: list[Callback] = [checkpoints, RandomState(), distributed.RankAgreement(), *callbacks]
+    # Its own callback: Lightning's save_last writes last.ckpt only in epochs that improved the best one.
+    last = ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True)
+    all_callbacks: list[Callback] = [checkpoints, last, RandomState(), distributed.RankAgreement(), *callbacks]
     if config.trainer.get("enable_progress_bar") is not False:
         all_callbacks.append(StepLossBar())
     if config.fit.early_stopping_patience:

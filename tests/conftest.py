@@ -1,4 +1,4 @@
-"""Shared fixtures: a temporary MLflow store, the read-only MNIST copy, and the CLI as users run it."""
+"""Shared fixtures: a temporary MLflow store, the UI server, and the CLI as users run it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from urllib.request import urlopen
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = Path(os.environ.get("AEVAE_DATA_ROOT", REPO.parent / "shared" / "datasets"))
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -34,14 +33,6 @@ def no_inherited_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh SQLite MLflow store in the test's own folder."""
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-
-
-@pytest.fixture
-def mnist_root() -> Path:
-    """The real MNIST IDX files (read-only); the suite needs them, as CI has them."""
-    raw = SHARED_DATASETS / "MNIST" / "raw"
-    assert (raw / "train-images-idx3-ubyte.gz").is_file(), f"MNIST not found in {raw}; set AEVAE_DATA_ROOT"
-    return SHARED_DATASETS
 
 
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:

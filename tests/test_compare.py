@@ -18,7 +18,7 @@ def tiny(tracking_uri: str, out: Path, *extra: str) -> list[str]:
     return [
         "compare", "--config", str(REPO / "experiments" / "ae_vs_vae_demo.yaml"),
         "--model.init_args.hidden_dims", "[32]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-        "--analysis.sample_size", "300", "--compare.seeds", "[0, 1]", "--tracking.uri", tracking_uri,
+        "--analysis.sample_size", "300", "--analysis.umap", "false", "--compare.seeds", "[0, 1]", "--tracking.uri", tracking_uri,
         "--compare.output_dir", str(out), "--fit.checkpoint_dir", str(out / "checkpoints"), *extra,
     ]  # fmt: skip
 
