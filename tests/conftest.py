@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.request import urlopen
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,3 +197,20 @@ def new_database(postgres: Postgres) -> str:
         connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
     engine.dispose()
     return f"{postgres.url.rsplit('/', 1)[0]}/{name}"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An unsigned-byte IDX file, gzipped, as MNIST ships them."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def small_mnist(tmp_path: Path) -> Path:
+    """<tmp>/MNIST/raw with a 20-image train set and a 10-image test set, written by the test."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 20), ("t10k", 10)):
+        write_idx(raw / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return raw

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import small_mnist
 from aevae.data import DEBIAN_FASHION_MNIST, ImageDataModule, read_idx
 from aevae.errors import UsageError
 
@@ -51,25 +52,8 @@ def test_binarize_fixes_eval_pixels_and_samples_training_batches() -> None:
     assert not set(data.splits["train"].images.unique().tolist()) <= {0.0, 1.0}  # sampled per batch
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """An unsigned-byte IDX file, gzipped, as MNIST ships them."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
-def _small_mnist(tmp_path: Path) -> Path:
-    """<tmp>/MNIST/raw with a 20-image train set and a 10-image test set, written by the test."""
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for stem, n in (("train", 20), ("t10k", 10)):
-        _write_idx(raw / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(raw / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return raw
-
-
 def test_written_idx_files_load_as_mnist(tmp_path: Path) -> None:
-    raw = _small_mnist(tmp_path)
+    raw = small_mnist(tmp_path)
     data = ImageDataModule(source="mnist", root=str(tmp_path), val_fraction=0.25)
     data.setup()
     assert {split: len(data.splits[split]) for split in ("train", "val", "test")} == {"train": 15, "val": 5, "test": 10}
@@ -101,7 +85,7 @@ def test_fashion_mnist_found_in_debian_folder(tmp_path: Path) -> None:
 
 
 def test_truncated_file_is_one_clear_error(tmp_path: Path) -> None:
-    raw = _small_mnist(tmp_path)
+    raw = small_mnist(tmp_path)
     content = gzip.decompress((raw / "t10k-labels-idx1-ubyte.gz").read_bytes())
     (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(content[:-3]))
     with pytest.raises(UsageError, match="t10k-labels-idx1-ubyte.gz is truncated or corrupt"):
@@ -109,7 +93,7 @@ def test_truncated_file_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_corrupt_gzip_is_one_clear_error(tmp_path: Path) -> None:
-    raw = _small_mnist(tmp_path)
+    raw = small_mnist(tmp_path)
     (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not a gzip file at all")
     with pytest.raises(UsageError, match="train-images-idx3-ubyte.gz is unreadable"):
         ImageDataModule(source="mnist", root=str(tmp_path)).setup()

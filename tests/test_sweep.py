@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from aevae import cli, sweep
 from aevae.sweep import grid_map as sweep_map
 from aevae.sweep import placement
 from aevae.errors import UsageError
-from conftest import REPO, cli_env, run_aevae
+from conftest import REPO, cli_env, run_aevae, small_mnist
 
 # A sweep that trains in about a second a trial: 5k embedded digits, one hidden layer, a few batches.
 TINY: dict[str, Any] = {
@@ -111,7 +110,9 @@ def test_bad_sweep_config_is_one_line_and_creates_nothing(in_tmp: Path, capsys, 
     assert not (in_tmp / "mlruns" / sweep.STORE_FILE).exists() and not (in_tmp / "mlruns" / "mlflow.db").exists()
 
 
-def test_shipped_sweeps_are_valid() -> None:
+def test_shipped_sweeps_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small_mnist(tmp_path)  # the sweeps check their data: MNIST-format files written here, no copy needed
+    monkeypatch.setenv("AEVAE_DATA_ROOT", str(tmp_path))
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
         assert sweep.load_sweep(str(path)).study == path.stem
     assert {"vae_latent_beta", "ae_latent"} <= {path.stem for path in (REPO / "sweeps").glob("*.yaml")}
