@@ -9,7 +9,7 @@ import sys
 from typing import Callable, Sequence
 
 from aevae import console
-from aevae.errors import CommandFailed, TrainingDiverged, UsageError
+from aevae.errors import CommandFailed, TrainingDiverged, UsageError, causes
 from aevae.tracking import mask_secrets
 from aevae.ui import snapshot, ui
 
@@ -166,12 +166,12 @@ def run() -> None:
     The runs and trials were closed (KILLED, queued again) on the way out."""
     try:
         code = main()
-    except KeyboardInterrupt:
-        code = interrupted()
-    except SystemExit as err:
-        if not isinstance(err.__context__, KeyboardInterrupt):
+    except BaseException as err:
+        # Lightning turns Ctrl-C inside fit into exit(1) once it has shut down; a Ctrl-C that lands inside
+        # torch.save surfaces as the writer's RuntimeError. Either way, the cause is the interrupt.
+        if not any(isinstance(cause, KeyboardInterrupt) for cause in causes(err)):
             raise
-        code = interrupted()  # Lightning turns Ctrl-C inside fit into exit(1) once it has shut down
+        code = interrupted()
     sys.exit(code)
 
 

@@ -11,3 +11,13 @@ class TrainingDiverged(RuntimeError):
 
 class CommandFailed(RuntimeError):
     """The command ran but failed as a whole (every trial of a sweep failed): one line, exit code 1."""
+
+
+def causes(err: BaseException) -> list[BaseException]:
+    """The error and what it was raised from or during, outermost first."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return chain

@@ -27,7 +27,7 @@ from aevae.checkpoints import (
     check_room_for_checkpoints,
     read_checkpoint,
 )
-from aevae.errors import UsageError
+from aevae.errors import UsageError, causes
 from aevae.models import LatentAutoencoder
 from aevae.steps import StepLossBar, check_compile, plain_cuda_checks
 
@@ -115,15 +115,6 @@ _NOISE = (
     "Parser key", "Does not validate", "Subtypes:", "Errors:", "Problem with given class_path",
     "Expected a <class 'NoneType'>", "Given value type", "Given value: NestedArg",
 )  # fmt: skip
-
-
-def causes(err: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    cause: BaseException | None = err
-    while cause is not None and cause not in chain:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    return chain
 
 
 def yaml_problem(err: yaml.MarkedYAMLError) -> str:

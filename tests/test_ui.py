@@ -71,7 +71,9 @@ def test_browser_opens_on_the_runs_of_an_aevae_record(tmp_path, serve_ui, browse
 
 
 def _click_text(wait: WebDriverWait, text: str) -> None:
-    wait.until(lambda d: d.find_element(By.XPATH, f"//*[normalize-space(text())='{text}']")).click()
+    """Click the visible element showing text (the page may also hold hidden copies of it, e.g. a tooltip)."""
+    xpath = f"//*[normalize-space(text())='{text}']"
+    wait.until(lambda d: next((e for e in d.find_elements(By.XPATH, xpath) if e.is_displayed()), None)).click()
 
 
 def _loaded_image(images: list[WebElement], driver: webdriver.Chrome) -> WebElement | None:
