@@ -1,4 +1,4 @@
-"""One DataModule for every model: MNIST-like images held in memory, batches are index slices."""
+"""One DataModule for every model: images held in memory as uint8, batches are index slices, floats per batch."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ import functools
 import gzip
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from aevae import sources
 from aevae.errors import UsageError
 
 DATA_ROOT_ENV = "AEVAE_DATA_ROOT"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-Source = Literal["mnist", "fashion-mnist", "mnist-5k"]
-SOURCES: tuple[str, ...] = ("mnist", "fashion-mnist", "mnist-5k")
+SOURCES: tuple[str, ...] = ("mnist", "fashion-mnist", "mnist-5k")  # built in; see check_source for the rest
 
 # torchvision's folder names under the data root.
 _TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -119,7 +119,7 @@ def load_mnist_5k(test_size: int, seed: int) -> dict[str, tuple[np.ndarray, np.n
 
 
 class InMemoryImages(Dataset):
-    """Images as one float tensor in [0, 1]; a batch is one index slice, not per-item transforms."""
+    """Images as one uint8 tensor [N, C, H, W]; a batch is one index slice, not per-item transforms."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images, self.labels = images, labels
@@ -135,29 +135,64 @@ class InMemoryImages(Dataset):
         return self.images[index], self.labels[index]
 
 
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255 as floats in [0, 1]; float images pass through."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
+
 def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch
 
 
+def check_source(source: str) -> None:
+    """A source names a built-in set, a torchvision class, ``folder:PATH`` or ``npz:PATH`` (paths are read in setup)."""
+    for prefix in (sources.FOLDER_PREFIX, sources.NPZ_PREFIX):
+        if source.startswith(prefix) and not source[len(prefix) :].strip():
+            raise UsageError(f"data.source: {prefix}PATH needs a path, got {source!r}")
+    if source in SOURCES or source.startswith((sources.FOLDER_PREFIX, sources.NPZ_PREFIX)):
+        return
+    if sources.torchvision_class(source) is None:
+        raise UsageError(
+            f"data.source: unknown source {source!r}; choose one of {', '.join(SOURCES)}, a torchvision data set "
+            "class (CIFAR10, SVHN, CelebA, ...), folder:PATH or npz:PATH"
+        )
+
+
 class ImageDataModule(pl.LightningDataModule):
-    """MNIST, Fashion-MNIST or the embedded 5k MNIST digits, with a seeded validation split.
+    """Images of any size and channel count, held in memory as uint8, with a seeded validation split.
 
     Args:
-        source: which data set.
-        root: folder in torchvision's layout (``<root>/MNIST/raw/*.gz``); default ``$AEVAE_DATA_ROOT`` or ``data``.
-        download: fetch with torchvision when the files are missing (needs network).
+        source: ``mnist``, ``fashion-mnist``, ``mnist-5k`` (built in); a torchvision image data set class name
+            (``CIFAR10``, ``CIFAR100``, ``SVHN``, ``CelebA``, ``KMNIST``, ...); ``folder:PATH`` (one sub-folder
+            per class gives labels, image files directly in PATH are unlabelled); or ``npz:PATH`` (arrays
+            ``images`` uint8 [N, H, W] or [N, H, W, C] and optional integer ``labels`` [N]). Unlabelled images
+            get the label -1.
+        root: data folder in torchvision's layout (``<root>/MNIST/raw/*.gz``, ``<root>/cifar-10-batches-py``);
+            default ``$AEVAE_DATA_ROOT`` or ``data``.
+        download: fetch a torchvision data set when its files are missing (needs network).
+        image_size: resize the shorter side to this and centre-crop a square (None: keep the data's size, which
+            must then be the same for every image).
+        train_split: a torchvision data set's split trained on (its own name: ``train``; SVHN also ``extra``).
+        test_split: its split tested on (``test``; CelebA ``test`` or ``valid``).
+        dataset_options: more arguments of the torchvision class, e.g. ``{split: balanced}`` for EMNIST.
+        test_fraction: folders and .npz have no test split: this seeded share of their images is held out.
         batch_size: images per batch (per device under DDP).
         val_fraction: share of the training images held out for validation, with ``split_seed``.
-        split_seed: seed of the train/validation (and, for mnist-5k, train/test) split.
+        split_seed: seed of the train/validation (and, for mnist-5k, folders and .npz, train/test) split.
         binarize: sample binary pixels: per batch in training, once (seeded) for val/test.
         num_workers: DataLoader workers; 0 keeps everything in the main process (fastest in memory).
     """
 
     def __init__(
         self,
-        source: Source = "mnist-5k",
+        source: str = "mnist-5k",
         root: str | None = None,
         download: bool = False,
+        image_size: int | None = None,
+        train_split: str = "train",
+        test_split: str = "test",
+        dataset_options: dict[str, Any] | None = None,
+        test_fraction: float = 0.1,
         batch_size: int = 128,
         val_fraction: float = 0.1,
         split_seed: int = 0,
@@ -165,8 +200,11 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if source not in SOURCES:
-            raise UsageError(f"data.source: unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+        check_source(source)
+        if image_size is not None and not 1 <= image_size <= 65536:
+            raise UsageError(f"data.image_size must be in 1..65536, got {image_size}")
+        if not 0.0 < test_fraction < 1.0:
+            raise UsageError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
         if batch_size < 1:
             raise UsageError(f"data.batch_size must be >= 1, got {batch_size}")
         if not 0.0 < val_fraction < 1.0:
@@ -177,6 +215,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.source = source
         self.root = Path(root) if root else default_data_root()
         self.download = download
+        self.image_size = image_size
+        self.torchvision_splits = {"train": train_split, "test": test_split}
+        self.dataset_options = dict(dataset_options or {})
+        self.test_fraction = test_fraction
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.split_seed = split_seed
@@ -185,19 +227,48 @@ class ImageDataModule(pl.LightningDataModule):
         self.splits: dict[str, InMemoryImages] = {}
 
     def prepare_data(self) -> None:
-        if self.download and self.source != "mnist-5k":
-            load_idx_source(self.source, self.root, download=True)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if not self.download:
             return
+        if self.source in ("mnist", "fashion-mnist"):
+            load_idx_source(self.source, self.root, download=True)
+        elif sources.torchvision_class(self.source) is not None:
+            for split in self.torchvision_splits.values():
+                sources.open_torchvision(self.source, self.root, split, True, self.dataset_options)
+
+    def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """train and test of the source: images uint8 [N, C, H, W] at data.image_size, labels int64 (-1: none)."""
+        if self.source.startswith(sources.FOLDER_PREFIX):
+            path = Path(self.source[len(sources.FOLDER_PREFIX) :]).expanduser()
+            return sources.split_off_test(sources.load_folder(path, self.image_size), self.test_fraction, self.split_seed)
+        if self.source.startswith(sources.NPZ_PREFIX):
+            path = Path(self.source[len(sources.NPZ_PREFIX) :]).expanduser()
+            return sources.split_off_test(sources.load_npz(path, self.image_size), self.test_fraction, self.split_seed)
+        if self.source not in SOURCES:
+            return sources.load_torchvision(
+                self.source, self.root, self.torchvision_splits, False, self.dataset_options, self.image_size
+            )
         if self.source == "mnist-5k":
             arrays = load_mnist_5k(test_size=1000, seed=self.split_seed)
         else:
             arrays = load_idx_source(self.source, self.root, download=False)
+        loaded = {}
+        for split, (images, labels) in arrays.items():
+            tensor = sources.as_nchw(images.copy(), f"data.source={self.source}")  # IDX buffers are read-only
+            if self.image_size is not None:
+                sources.check_fits(len(tensor), (1, self.image_size, self.image_size), f"data.source={self.source}")
+                tensor = sources.resize(tensor, self.image_size)
+            loaded[split] = (tensor, torch.from_numpy(labels.copy()))
+        return loaded
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        arrays = self.load()
         train_images, train_labels = arrays["train"]
-        order = np.random.default_rng(self.split_seed).permutation(len(train_images))
+        order = torch.from_numpy(np.random.default_rng(self.split_seed).permutation(len(train_images)))
         n_val = max(1, round(self.val_fraction * len(order)))
+        if n_val >= len(order):
+            raise UsageError(f"data.val_fraction: {len(order)} training images leave none to train on")
         index = {"val": order[:n_val], "train": order[n_val:]}
         self.splits = {
             "train": self._tensors(train_images[index["train"]], train_labels[index["train"]], binarize_seed=None),
@@ -205,12 +276,25 @@ class ImageDataModule(pl.LightningDataModule):
             "test": self._tensors(*arrays["test"], binarize_seed=2),
         }
 
-    def _tensors(self, images: np.ndarray, labels: np.ndarray, binarize_seed: int | None) -> InMemoryImages:
-        pixels = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)  # IDX buffers are read-only
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images, known after setup."""
+        self.setup()
+        return tuple(self.splits["train"].images.shape[1:])
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every image of every split has a class label (unlabelled images carry -1)."""
+        self.setup()
+        return all(bool((split.labels >= 0).all()) for split in self.splits.values())
+
+    def _tensors(self, images: torch.Tensor, labels: torch.Tensor, binarize_seed: int | None) -> InMemoryImages:
+        """uint8 images as they are; binarized val/test images are sampled once, seeded, and kept as 0 or 255."""
         if self.binarize and binarize_seed is not None:
             generator = torch.Generator().manual_seed(self.split_seed * 1000 + binarize_seed)
-            pixels = torch.bernoulli(pixels, generator=generator)
-        return InMemoryImages(pixels, torch.from_numpy(labels.copy()))
+            chunks = [torch.bernoulli(chunk.float() / 255.0, generator=generator) for chunk in images.split(4096)]
+            images = torch.cat(chunks).to(torch.uint8).mul_(255)
+        return InMemoryImages(images.contiguous(), labels.contiguous())
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -237,6 +321,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         images, labels = batch
+        images = to_float(images)  # on the device that trains: a quarter of the bytes cross to it
         if self.binarize and self.trainer is not None and self.trainer.training:
             images = torch.bernoulli(images)
         return images, labels
