@@ -128,6 +128,15 @@ def has_classes(labels: np.ndarray) -> bool:
     return bool(len(labels) and (labels >= 0).all() and len(np.unique(labels)) >= 2)
 
 
+def label_problem(labels: np.ndarray, split: str) -> str | None:
+    """Why the label scores cannot be computed on these labels, or None."""
+    if not has_classes(labels):
+        return NO_LABELS if (labels < 0).any() else f"the {split} split has fewer than two classes"
+    if len(np.unique(labels)) >= len(labels):
+        return f"the {split} split has {len(labels)} images of {len(np.unique(labels))} classes; silhouette needs more"
+    return None
+
+
 def check(model: LatentAutoencoder, datamodule: ImageDataModule, options: AnalysisOptions) -> tuple[Labelled, Labelled]:
     """The analysed split and the train split (images, labels), failing on what would stop the analysis.
 
@@ -358,7 +367,8 @@ def analyze(model: LatentAutoencoder, datamodule: ImageDataModule, options: Anal
             projections["umap"] = umap_2d(codes.z, labels, options.seed)
     scores: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    if has_classes(labels) and has_classes(train_labels):
+    problem = label_problem(labels, options.split) or label_problem(train_labels, "train")
+    if problem is None:
         with timed(timings, "silhouette"):
             scores["silhouette_latent"] = silhouette(codes.z, labels, options.sample_size, options.seed)
             for name, coords in projections.items():
@@ -367,7 +377,7 @@ def analyze(model: LatentAutoencoder, datamodule: ImageDataModule, options: Anal
             scores.update(probe_scores(train, codes))
     else:
         names = ["silhouette_latent", *(f"silhouette_{name}" for name in projections), "knn_acc", "probe_acc"]
-        skipped = dict.fromkeys(names, NO_LABELS)
+        skipped = dict.fromkeys(names, problem)
     if codes.logvar is not None:
         scores.update(kl_scores(codes))
     with timed(timings, "plots"):
@@ -384,7 +394,7 @@ def log_analysis(client: Any, run_id: str, analysis: Analysis, step: int, artifa
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in analysis.scores.items()])
         if analysis.skipped:  # the reason, on the run's page and in latent/skipped.txt
-            client.set_tag(run_id, "analysis.skipped", f"{', '.join(analysis.skipped)}: {NO_LABELS}")
+            client.set_tag(run_id, "analysis.skipped", f"{', '.join(analysis.skipped)}: {next(iter(analysis.skipped.values()))}")
         client.log_artifacts(run_id, folder, artifact_path)
 
 

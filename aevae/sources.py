@@ -203,7 +203,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             grey = image.mode in ("1", "L", "I;16", "I")
-            return np.asarray(image.convert("L" if grey else "RGB"))
+            return np.array(image.convert("L" if grey else "RGB"))  # a writable copy
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise UsageError(f"data.source: image file {path} is corrupt or not an image ({type(err).__name__})") from err
 
@@ -212,7 +212,8 @@ def stack_images(arrays: list[np.ndarray], paths: list[Path], size: int | None, 
     """Stack decoded images into [N, C, H, W]; grey ones become RGB when any is colour; sizes must agree
     unless data.image_size resizes them."""
     colour = any(array.ndim == 3 for array in arrays)
-    tensors = [as_nchw(np.repeat(a[..., None], 3 if colour else 1, -1) if a.ndim == 2 else a[None], where)[0] for a in arrays]
+    channels_last = [np.repeat(a[..., None], 3 if colour else 1, -1) if a.ndim == 2 else a for a in arrays]
+    tensors = [as_nchw(a[None], where)[0] for a in channels_last]
     if size is not None:
         return torch.stack([resize(t[None], size)[0] for t in tensors])
     shapes = {tuple(t.shape[1:]): path for t, path in zip(tensors, paths)}
