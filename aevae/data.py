@@ -237,6 +237,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """train and test of the source: images uint8 [N, C, H, W] at data.image_size, labels int64 (-1: none)."""
+        self.prepare_data()  # setup runs before fit (a missing file must fail before any run): download here
         if self.source.startswith(sources.FOLDER_PREFIX):
             path = Path(self.source[len(sources.FOLDER_PREFIX) :]).expanduser()
             return sources.split_off_test(sources.load_folder(path, self.image_size), self.test_fraction, self.split_seed)
