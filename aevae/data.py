@@ -235,7 +235,7 @@ class ImageDataModule(pl.LightningDataModule):
             for split in self.torchvision_splits.values():
                 sources.open_torchvision(self.source, self.root, split, True, self.dataset_options)
 
-    def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def read_source(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """train and test of the source: images uint8 [N, C, H, W] at data.image_size, labels int64 (-1: none)."""
         self.prepare_data()  # setup runs before fit (a missing file must fail before any run): download here
         if self.source.startswith(sources.FOLDER_PREFIX):
@@ -264,7 +264,7 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        arrays = self.load()
+        arrays = self.read_source()
         train_images, train_labels = arrays["train"]
         order = torch.from_numpy(np.random.default_rng(self.split_seed).permutation(len(train_images)))
         n_val = max(1, round(self.val_fraction * len(order)))

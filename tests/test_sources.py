@@ -94,7 +94,7 @@ def cifar_checksums_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cifar10_batches_load_through_torchvision_as_uint8_nchw(tmp_path: Path, cifar_checksums_skipped: None) -> None:
     rows = write_cifar10(tmp_path)
-    loaded = ImageDataModule(source="CIFAR10", root=str(tmp_path)).load()
+    loaded = ImageDataModule(source="CIFAR10", root=str(tmp_path)).read_source()
     images, labels = loaded["train"]
     assert images.dtype == torch.uint8 and images.shape == (60, 3, 32, 32)
     assert torch.equal(images[0], torch.from_numpy(rows["data_batch_1"][0].reshape(3, 32, 32)))  # R, G, B planes
@@ -105,11 +105,11 @@ def test_cifar10_batches_load_through_torchvision_as_uint8_nchw(tmp_path: Path, 
 def test_torchvision_class_with_its_own_split_names(tmp_path: Path) -> None:
     images = write_kmnist(tmp_path)
     data = ImageDataModule(source="KMNIST", root=str(tmp_path), val_fraction=0.25)
-    loaded = data.load()
+    loaded = data.read_source()
     assert torch.equal(loaded["train"][0][:, 0], torch.from_numpy(images))
     assert data.image_shape == (1, 28, 28) and len(data.splits["val"]) == 15 and len(data.splits["test"]) == 20
     with pytest.raises(UsageError, match="data.splits: KMNIST has the splits train and test, got 'extra'"):
-        ImageDataModule(source="KMNIST", root=str(tmp_path), train_split="extra").load()
+        ImageDataModule(source="KMNIST", root=str(tmp_path), train_split="extra").read_source()
 
 
 def test_image_folder_classes_become_labels_by_sorted_name(tmp_path: Path) -> None:
