@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import torch
 
 from aevae import tracking
-from aevae.data import ImageDataModule
+from aevae.data import ImageDataModule, to_float
 from aevae.models import VAE
 from aevae.training import build_trainer, instantiate, parse_config, run_training
 
@@ -62,7 +62,7 @@ def fit_hand(root: str, epochs: int, store: Path, fused: bool = False) -> None:
     for _ in range(epochs):
         model.train()
         for index in torch.randperm(len(train)).split(128):
-            x = train.images[index]
+            x = to_float(train.images[index])  # as aevae does per batch
             loss = model.loss_terms(x, model(x)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -70,6 +70,7 @@ def fit_hand(root: str, epochs: int, store: Path, fused: bool = False) -> None:
         model.eval()
         with torch.no_grad():
             for x in val.images.split(128):
+                x = to_float(x)
                 model.loss_terms(x, model(x))
 
 
