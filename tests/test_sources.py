@@ -13,13 +13,13 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from aevae import sources
+from aevae import analysis, sources
 from aevae.data import ImageDataModule
 from aevae.cli import main
 from aevae.errors import UsageError
 from aevae.likelihoods import DiscretizedLogistic, Gaussian, bits_per_dim
 from aevae.models import VAE
-from aevae.training import parse_config, run_training
+from aevae.training import instantiate, parse_config, run_training
 from conftest import REPO, run_aevae
 
 DEMO = str(REPO / "experiments" / "vae_demo.yaml")
@@ -279,3 +279,30 @@ def test_bad_data_through_the_cli_process(tmp_path: Path) -> None:
         f"aevae train: error: data.source=folder:{tmp_path / 'nowhere'}: no such folder"
     )
     assert [path.name for path in tmp_path.iterdir()] == []
+
+
+def test_the_28x28_conv_config_builds_the_earlier_two_stage_net() -> None:
+    """[c1, c2, dense] on 28x28 keeps the layers (and so the checkpoints) of the fixed conv net it replaced."""
+    shapes = {key: tuple(value.shape) for key, value in VAE(architecture="conv", hidden_dims=[8, 16, 32]).state_dict().items()}
+    assert shapes == {
+        "encoder.0.weight": (8, 1, 4, 4), "encoder.0.bias": (8,), "encoder.2.weight": (16, 8, 4, 4),
+        "encoder.2.bias": (16,), "encoder.5.weight": (32, 16 * 7 * 7), "encoder.5.bias": (32,),
+        "encoder.7.weight": (8, 32), "encoder.7.bias": (8,),
+        "decoder.0.weight": (32, 4), "decoder.0.bias": (32,), "decoder.2.weight": (16 * 7 * 7, 32),
+        "decoder.2.bias": (16 * 7 * 7,), "decoder.5.weight": (16, 8, 4, 4), "decoder.5.bias": (8,),
+        "decoder.7.weight": (8, 1, 4, 4), "decoder.7.bias": (1,),
+    }  # fmt: skip
+
+
+def test_a_config_image_shape_must_match_the_data(tmp_path: Path) -> None:
+    config = parse_config(["--config", DEMO, "--model.init_args.image_shape", "[3, 28, 28]"])
+    with pytest.raises(UsageError, match=r"model.image_shape is \[3, 28, 28\], but data.source=mnist-5k gives \[1, 28, 28\]"):
+        instantiate(config)
+    model, _ = instantiate(parse_config(["--config", DEMO, "--data.image_size", "16"]))
+    assert model.hparams.image_shape == [1, 16, 16]  # from the data, saved with the model
+
+
+def test_label_scores_are_skipped_when_a_split_has_no_more_images_than_classes() -> None:
+    assert analysis.label_problem(np.array([0, 1, 2]), "test") == "the test split has 3 images of 3 classes; silhouette needs more"
+    assert analysis.label_problem(np.array([0, 1, 1]), "test") is None
+    assert analysis.label_problem(np.array([-1, -1, -1]), "test") == analysis.NO_LABELS
