@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -19,6 +20,7 @@ from aevae.errors import UsageError
 DATA_ROOT_ENV = "AEVAE_DATA_ROOT"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SOURCES: tuple[str, ...] = ("mnist", "fashion-mnist", "mnist-5k")  # built in; see check_source for the rest
+ON_DEVICE_SHARE = 0.5  # data.on_device=auto: the splits may take at most this share of free device memory
 
 # torchvision's folder names under the data root.
 _TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -134,6 +136,12 @@ class InMemoryImages(Dataset):
         index = torch.as_tensor(indices)
         return self.images[index], self.labels[index]
 
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.labels.nbytes
+
+    def to(self, device: torch.device) -> InMemoryImages:
+        return InMemoryImages(self.images.to(device), self.labels.to(device))
+
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels 0..255 as floats in [0, 1]; float images pass through."""
@@ -156,6 +164,55 @@ def check_source(source: str) -> None:
             f"data.source: unknown source {source!r}; choose one of {', '.join(SOURCES)}, a torchvision data set "
             "class (CIFAR10, SVHN, CelebA, ...), folder:PATH or npz:PATH"
         )
+
+
+class IndexBatches:
+    """The batches of an in-memory split without a DataLoader: one permutation tensor an epoch, one gather a batch.
+
+    Shuffled, it draws the same seed from the global torch RNG as a DataLoader with RandomSampler does (after the
+    DataLoader's own base-seed draw), so on the CPU it yields exactly the batches that DataLoader would, and resume
+    (which restores the global RNG) still replays them. On an accelerator the permutation is drawn on the device.
+    """
+
+    def __init__(self, data: InMemoryImages, batch_size: int, shuffle: bool) -> None:
+        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self.data.images, self.data.labels
+        if not self.shuffle:
+            for start in range(0, len(labels), self.batch_size):
+                yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
+            return
+        torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed, drawn first
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's seed
+        generator = torch.Generator(device=labels.device).manual_seed(seed)
+        order = torch.randperm(len(labels), generator=generator, device=labels.device)
+        for index in order.split(self.batch_size):
+            yield images[index], labels[index]
+
+
+def device_placement(on_device: str, device: torch.device, world_size: int, need: int, free: int | None) -> bool:
+    """Whether the splits live on the training device (pure: tested directly).
+
+    ``auto``: on a single accelerator when the data takes at most half of its free memory; ``true``: on any
+    accelerator, refused (one line, with the sizes) when it cannot fit; ``false``: never. The CPU keeps the host
+    tensors as they are. Under DDP every rank holds only its shard, so ``need`` is per rank.
+    """
+    if on_device == "false" or device.type == "cpu":
+        return False
+    if on_device == "auto" and world_size > 1:
+        return False  # several processes: Lightning's distributed sampler over host data, as before
+    if free is not None and need > free * (1.0 if on_device == "true" else ON_DEVICE_SHARE):
+        if on_device == "true":
+            raise UsageError(
+                f"data.on_device: the splits take {need / 2**30:.2f} GiB and {device} has "
+                f"{free / 2**30:.2f} GiB free; set data.on_device auto or false"
+            )
+        return False
+    return True
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -181,6 +238,10 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: seed of the train/validation (and, for mnist-5k, folders and .npz, train/test) split.
         binarize: sample binary pixels: per batch in training, once (seeded) for val/test.
         num_workers: DataLoader workers; 0 keeps everything in the main process (fastest in memory).
+        on_device: keep the splits on the training accelerator, so a batch is a gather there and no
+            per-step copy happens: ``auto`` (on a single accelerator when they take at most half its free
+            memory), ``true`` (refused when they cannot fit; under DDP each rank holds its shard) or ``false``.
+            CPU training is unaffected.
     """
 
     def __init__(
@@ -198,6 +259,7 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         binarize: bool = False,
         num_workers: int = 0,
+        on_device: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         check_source(source)
@@ -211,6 +273,10 @@ class ImageDataModule(pl.LightningDataModule):
             raise UsageError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if num_workers < 0:
             raise UsageError(f"data.num_workers must be >= 0, got {num_workers}")
+        if on_device not in (True, False, "auto"):
+            raise UsageError(f"data.on_device: choose auto, true or false, got {on_device!r}")
+        if on_device is True and num_workers > 0:
+            raise UsageError("data.on_device: true keeps batches on the device; it takes data.num_workers 0")
         self.save_hyperparameters()
         self.source = source
         self.root = Path(root) if root else default_data_root()
@@ -224,7 +290,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self.binarize = binarize
         self.num_workers = num_workers
-        self.splits: dict[str, InMemoryImages] = {}
+        self.on_device = on_device
+        self.splits: dict[str, InMemoryImages] = {}  # on the host, whole
+        self.batches_from: dict[str, InMemoryImages] = {}  # where batches are cut: the host splits, or on a device
+        self.placed_on: tuple[torch.device, int, int] | None = None  # (device, world size, rank) of batches_from
 
     def prepare_data(self) -> None:
         if not self.download:
@@ -262,8 +331,14 @@ class ImageDataModule(pl.LightningDataModule):
         return loaded
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+        if not self.splits:
+            self.load()
+        if self.trainer is not None:
+            strategy = self.trainer.strategy
+            self.place(strategy.root_device, self.trainer.world_size, self.trainer.global_rank)
+
+    def load(self) -> None:
+        """Read the data set into host memory and make the train/val/test splits."""
         arrays = self.read_source()
         train_images, train_labels = arrays["train"]
         order = torch.from_numpy(np.random.default_rng(self.split_seed).permutation(len(train_images)))
@@ -279,14 +354,16 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of the images, known after setup."""
-        self.setup()
+        """(channels, height, width) of the images (reading the data if not yet read)."""
+        if not self.splits:
+            self.load()
         return tuple(self.splits["train"].images.shape[1:])
 
     @property
     def labelled(self) -> bool:
         """Whether every image of every split has a class label (unlabelled images carry -1)."""
-        self.setup()
+        if not self.splits:
+            self.load()
         return all(bool((split.labels >= 0).all()) for split in self.splits.values())
 
     def _tensors(self, images: torch.Tensor, labels: torch.Tensor, binarize_seed: int | None) -> InMemoryImages:
@@ -297,9 +374,44 @@ class ImageDataModule(pl.LightningDataModule):
             images = torch.cat(chunks).to(torch.uint8).mul_(255)
         return InMemoryImages(images.contiguous(), labels.contiguous())
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def goes_on_device(self, device: torch.device, world_size: int = 1) -> bool:
+        """Whether batches are cut on the training device; a data.on_device=true that cannot fit is a UsageError
+        (training calls this before any run exists)."""
+        need = sum(split.nbytes() for split in self.splits.values()) // world_size
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        return device_placement(self.resolved_on_device(), device, world_size, need, free)
+
+    def place(self, device: torch.device, world_size: int = 1, rank: int = 0) -> None:
+        """Put the splits where batches are cut, once: the host splits, or copies on the training device (each
+        rank's shard only under DDP)."""
+        if self.placed_on == (device, world_size, rank):
+            return
+        if self.goes_on_device(device, world_size):
+            self.batches_from = {name: self._shard(split, name, world_size, rank).to(device) for name, split in self.splits.items()}
+        else:
+            self.batches_from = self.splits
+        self.placed_on = (device, world_size, rank)
+
+    def resolved_on_device(self) -> str:
+        return {True: "true", False: "false"}.get(self.on_device, "auto")  # type: ignore[arg-type]
+
+    def _shard(self, split: InMemoryImages, name: str, world_size: int, rank: int) -> InMemoryImages:
+        """A rank's disjoint share of a split (train: of a seeded permutation); epoch sums add up over ranks."""
+        if world_size == 1:
+            return split
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(self.split_seed))
+        index = order[rank::world_size] if name == "train" else torch.arange(rank, len(split), world_size)
+        return InMemoryImages(split.images[index], split.labels[index])
+
+    def _loader(self, split: str, shuffle: bool) -> IndexBatches | DataLoader:
+        data = self.batches_from.get(split, self.splits[split])
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        on_device = data is not self.splits[split]
+        if on_device or (self.num_workers == 0 and not distributed):
+            return IndexBatches(data, self.batch_size, shuffle)
+        # Workers, or DDP over host data: a DataLoader, so that Lightning can shard it with its distributed sampler.
         return DataLoader(
-            self.splits[split],
+            data,
             batch_size=self.batch_size,
             shuffle=shuffle,
             collate_fn=_keep_batch,
@@ -307,18 +419,23 @@ class ImageDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> IndexBatches | DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> IndexBatches | DataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> IndexBatches | DataLoader:
         return self._loader("test", shuffle=False)
 
     def split_dataloader(self, split: str, batch_size: int = 1000) -> DataLoader:
         """A plain, unsharded loader over a whole split (for analysis after training)."""
         return DataLoader(self.splits[split], batch_size=batch_size, shuffle=False, collate_fn=_keep_batch)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if all(t.device == device for t in batch):  # batches cut on the device, or CPU training: nothing to move
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         images, labels = batch

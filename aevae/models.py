@@ -12,9 +12,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from aevae.errors import TrainingDiverged, UsageError
+from aevae.errors import UsageError
 from aevae.likelihoods import LIKELIHOODS, Likelihood, bits_per_dim, make_likelihood
 from aevae.networks import ARCHITECTURES, networks
+from aevae.steps import StepRecord, TrainingSteps
 
 DEFAULT_IMAGE_SHAPE = (1, 28, 28)  # a model built without data (tests, notebooks); training takes the data's
 MAX_LATENT_DIM = 4096
@@ -82,7 +83,7 @@ def kl_warmup(kl_weight: float, epochs_done: float, warmup_epochs: int) -> float
     return kl_weight * min(1.0, epochs_done / warmup_epochs)
 
 
-class LatentAutoencoder(pl.LightningModule):
+class LatentAutoencoder(TrainingSteps, pl.LightningModule):
     """Shared base of AE and VAE: architecture, likelihood, optimizer and per-epoch logging.
 
     Args:
@@ -141,10 +142,16 @@ class LatentAutoencoder(pl.LightningModule):
         build = partial(networks, architecture, hidden_dims, self.encoder_outputs(), latent_dim, shape, out_channels)
         check_memory(build, hidden_dims)
         self.encoder, self.decoder = build()
-        self._epoch_sums: dict[str, Tensor] = {}
+        self._epoch_sums: dict[str, Tensor] = {}  # validation and test
+        self.record = StepRecord(3 + latent_dim)  # training: loss, recon, kl, kl per dimension
+        self.register_buffer("beta_now", torch.ones(()), persistent=False)  # read by the (captured) step
+        self.register_buffer("found_inf", torch.zeros(()), persistent=False)  # skip: read by the fused optimizer
         self.nonfinite_policy = "stop"  # the trainer factory sets fit.on_nonfinite here
-        self.skipped_batches = 0
-        self.last_finite_loss: Tensor | None = None
+        self.compile_mode = "none"  # and fit.compile here
+        self.step_runner: CompiledStep | CudaGraphStep | None = None
+        self.check_every = 1
+        self.bar_loss: float | None = None  # the loss the progress bar shows, read every BAR_EVERY steps
+        self._beta_filled: float | None = None
 
     # --- what a subclass defines -------------------------------------------------------
     kind = "base"
@@ -154,6 +161,10 @@ class LatentAutoencoder(pl.LightningModule):
 
     def forward(self, x: Tensor) -> ModelOutput:
         raise NotImplementedError
+
+    def beta(self) -> float:
+        """The KL weight now (the AE has none)."""
+        return 0.0
 
     def loss_terms(self, x: Tensor, out: ModelOutput) -> LossTerms:
         raise NotImplementedError
@@ -178,54 +189,20 @@ class LatentAutoencoder(pl.LightningModule):
         """Mean images in [0, 1] decoded from the deterministic codes."""
         return self.decode_mean(self.encode(x))
 
+    @staticmethod
+    def _summary(terms: LossTerms) -> Tensor:
+        return torch.cat([torch.stack([terms.loss, terms.reconstruction, terms.kl]), terms.kl_per_dim])
+
     def _accumulate(self, stage: str, terms: LossTerms, n: int) -> None:
-        """Running sums for exact per-image epoch means (no per-step sync or logging)."""
-        summary = torch.cat([torch.stack([terms.loss, terms.reconstruction, terms.kl]), terms.kl_per_dim])
-        increment = torch.cat([summary.detach() * n, summary.new_tensor([float(n)])])
+        """Running sums for exact per-image epoch means of val/test (no per-step sync or logging)."""
+        summary = self._summary(terms).detach().double()
+        increment = torch.cat([summary * n, summary.new_tensor([float(n)])])
         running = self._epoch_sums.get(stage)
         self._epoch_sums[stage] = increment if running is None else running + increment
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, _ = batch
         self._accumulate(stage, self.loss_terms(x, self(x)), len(x))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        x, _ = batch
-        terms = self.loss_terms(x, self(x))
-        if not torch.isfinite(terms.loss):
-            self._non_finite(f"loss is {terms.loss.item()}")
-            return None  # skipped: no backward, no optimizer step
-        self._accumulate("train", terms, len(x))
-        self.last_finite_loss = terms.loss.detach()
-        if self.trainer.progress_bar_callback is not None:  # self.log costs ~0.5 ms a step; only a bar reads it
-            self.log("loss", terms.loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
-        return terms.loss
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        if all(t.device == device for t in batch):  # CPU training: skip Lightning's generic walk of the batch
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Only the skip policy needs finite gradients before the step. Under "stop", a non-finite gradient makes
-        # the next loss non-finite, which stops training; and fp16 loss scaling, which skips steps with inf
-        # gradients by design, is left to do its job.
-        if self.nonfinite_policy != "skip":
-            return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            self._non_finite("gradients are not finite")
-            optimizer.zero_grad(set_to_none=True)  # skipping: the optimizer leaves grad-less weights alone
-
-    def _non_finite(self, what: str) -> None:
-        """Stop at once (the run fails with this message; the last good checkpoint stays), or,
-        with fit.on_nonfinite=skip, skip the batch and count it."""
-        if self.nonfinite_policy != "skip":
-            last = "none" if self.last_finite_loss is None else f"{float(self.last_finite_loss):.6g}"
-            where = f"epoch {self.current_epoch}, step {self.global_step}"
-            raise TrainingDiverged(f"training diverged at {where}: {what}; last finite loss {last}")
-        self.skipped_batches += 1
-        self.log("train/skipped_batches", float(self.skipped_batches), on_step=False, on_epoch=True, reduce_fx="max")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -235,14 +212,20 @@ class LatentAutoencoder(pl.LightningModule):
 
     def _log_epoch(self, stage: str) -> None:
         """Exact per-image means over the epoch, summed across ranks, logged once per epoch."""
-        sums = self._epoch_sums.pop(stage, None)
+        if stage == "train":
+            self.check_divergence()  # before the epoch's checkpoint is written
+        sums = self.record.take_sums() if stage == "train" else self._epoch_sums.pop(stage, None)
         if sums is None:
             return
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        if float(sums[-1]) == 0:  # every batch skipped, or none run
+            return
         means = sums[:-1] / sums[-1]
         loss, reconstruction, kl, kl_per_dim = means[0], means[1], means[2], means[3:]
         # "step" makes the epoch, not the optimizer step, the x-axis of every aevae metric in MLflow.
         metrics = {"step": float(self.current_epoch), f"{stage}/loss": loss, f"{stage}/recon": reconstruction}
+        if stage == "train" and self.nonfinite_policy == "skip":
+            metrics["train/skipped_batches"] = self.record.skipped.float()
         if self.kind == "vae":
             metrics[f"{stage}/kl"] = kl
             metrics[f"{stage}/nelbo"] = reconstruction + kl
@@ -266,7 +249,10 @@ class LatentAutoencoder(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # PyTorch's fused Adam kernel (CPU and CUDA) takes a third of the time of the default per-tensor loop.
         fused = self.device.type in ("cpu", "cuda")
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=fused)
+        capturable = self.compile_mode == "cudagraph"  # its step counts live on the device, as capture needs
+        return torch.optim.Adam(
+            self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=fused, capturable=capturable
+        )
 
 
 class AE(LatentAutoencoder):
@@ -341,7 +327,8 @@ class VAE(LatentAutoencoder):
         reconstruction = self.observation.nll(out.recon_logits, x).mean()
         kl_per_dim = gaussian_kl_per_dim(out.mean, out.logvar).mean(0)
         kl = kl_per_dim.sum()
-        return LossTerms(reconstruction + self.beta() * kl, reconstruction, kl, kl_per_dim)
+        beta = self.beta_now if self.training and self._trainer is not None else self.kl_weight
+        return LossTerms(reconstruction + beta * kl, reconstruction, kl, kl_per_dim)
 
     @torch.no_grad()
     def importance_sampled_nll(self, x: Tensor, k: int = 100, chunk: int = 100) -> Tensor:

@@ -17,6 +17,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
+import aevae
 from aevae import analysis, distributed, tracking
 from aevae.data import ImageDataModule
 from aevae.checkpoints import (
@@ -28,6 +29,7 @@ from aevae.checkpoints import (
 )
 from aevae.errors import UsageError
 from aevae.models import LatentAutoencoder
+from aevae.steps import StepLossBar, check_compile, plain_cuda_checks
 
 MONITOR = "val/loss"
 # Trainer arguments that aevae sets itself (tracking, checkpoints) or that would load arbitrary classes.
@@ -60,6 +62,9 @@ class FitOptions:
         resume: an MLflow run id: continue that run from its last checkpoint, logging into the same run.
         on_nonfinite: on a NaN/inf loss or gradient, ``stop`` (the run fails, its last good checkpoint
             stays) or ``skip`` the batch and count it (single device only).
+        compile: the training step as it runs: ``none`` (eager), ``compile`` (``torch.compile`` of forward, loss
+            and backward; CPU or GPU) or ``cudagraph`` (the whole step, fused Adam included, captured in a CUDA
+            graph and replayed; one CUDA device). Both train the same model as eager, to rounding.
     """
 
     early_stopping_patience: PositiveInt | None = None
@@ -67,6 +72,7 @@ class FitOptions:
     test: bool = True
     resume: str | None = None
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    compile: Literal["none", "compile", "cudagraph"] = "none"
 
 
 ALLOWED_IMPORTS = ["aevae", "torch.nn"]  # class paths a config may name; more only by `aevae --allow-import`
@@ -173,9 +179,12 @@ def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] 
         save_on_train_epoch_end=True,  # after the whole epoch, so a resume starts at a clean epoch boundary
     )  # fmt: skip
     all_callbacks: list[Callback] = [checkpoints, RandomState(), distributed.RankAgreement(), *callbacks]
+    if config.trainer.get("enable_progress_bar") is not False:
+        all_callbacks.append(StepLossBar())
     if config.fit.early_stopping_patience:
         all_callbacks.append(EarlyStopping(monitor=MONITOR, mode="min", patience=config.fit.early_stopping_patience))
     trainer_options = {key: value for key, value in config.trainer.items() if value is not None or key == "max_epochs"}
+    plain_cuda_checks(aevae.USER_NVML_CUDA_CHECK, str(trainer_options.get("strategy", "auto")))
     try:
         return pl.Trainer(
             **trainer_options,
@@ -188,15 +197,21 @@ def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] 
         raise UsageError(f"trainer: {one_line(err)}") from err
 
 
-def check_trainer(config: Namespace) -> None:
-    """Build the config's Trainer once and drop it (quietly), so that bad trainer options fail before any run."""
+def check_trainer(config: Namespace, datamodule: ImageDataModule | None = None) -> None:
+    """Build the config's Trainer once and drop it (quietly), so that bad trainer options, a step that cannot be
+    compiled or captured on it, and data that cannot go on its device fail before any run."""
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)  # its "GPU available" lines are printed again by the real Trainer
     try:
-        build_trainer(config, logger=False)
+        trainer = build_trainer(config, logger=False)
     finally:
         lightning_log.setLevel(level)
+    device = trainer.strategy.root_device
+    precision = str(config.trainer.get("precision") or "32-true")  # as asked: Lightning may swap 16 for bf16 on a CPU
+    check_compile(config.fit.compile, device, trainer.world_size, precision, trainer)
+    if datamodule is not None:
+        datamodule.goes_on_device(device, trainer.world_size)
 
 
 def instantiate(config: Namespace, parser: ArgumentParser | None = None) -> tuple[LatentAutoencoder, ImageDataModule]:
@@ -243,8 +258,8 @@ def run_training(
 
     parser = build_parser()
     model, datamodule = instantiate(config, parser)
-    check_trainer(config)
     datamodule.setup("fit")  # a missing data file fails here, before any run exists
+    check_trainer(config, datamodule)
     latent_options = analysis.AnalysisOptions(**config.analysis.as_dict())
     if latent_options.enabled:
         analysis.check(model, datamodule, latent_options)
@@ -257,6 +272,7 @@ def run_training(
     check_room_for_checkpoints(model, Path(config.fit.checkpoint_dir))
     resume = resume_point(config, model, tracking_uri)
     model.nonfinite_policy = config.fit.on_nonfinite
+    model.configure_step(config.fit.compile)
 
     run_tags = {
         "model_kind": model.kind,

@@ -1,0 +1,299 @@
+"""How a training step runs: what it leaves on the device (epoch sums, divergence, skips), and its compiled or
+CUDA-graph-captured forms. Nothing here reads a tensor back to the host; the module decides when to look."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from torch import Tensor, nn
+
+from aevae.errors import TrainingDiverged, UsageError
+
+COMPILE_MODES = ("none", "compile", "cudagraph")
+DEVICE_CHECK_EVERY = 100  # on an accelerator, steps between host reads of the divergence record (CPU: every step)
+BAR_EVERY = 50  # on an accelerator, steps between progress-bar loss updates (each one a host read)
+CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before capture, as PyTorch's CUDA-graph recipe asks
+
+
+CAPTURABLE_PRECISIONS = ("32-true", "32", "bf16-mixed")
+
+
+def host_read_interval(device: torch.device) -> int:
+    """Steps between host reads of the step record: every step on a CPU, where a read costs nothing; on an
+    accelerator every DEVICE_CHECK_EVERY steps, since each read waits for the device to finish its queue."""
+    return 1 if device.type == "cpu" else DEVICE_CHECK_EVERY
+
+
+def check_compile(mode: str, device: Any, world_size: int, precision: str, trainer: Any) -> None:
+    """Refuse, before any run exists, a compiled or captured step where it cannot train the same model as eager."""
+    if mode == "none":
+        return
+    field = f"fit.compile={mode}"
+    if world_size > 1:
+        raise UsageError(f"{field}: runs on one device; this trainer has {world_size} processes (use none under DDP)")
+    if precision not in CAPTURABLE_PRECISIONS:
+        raise UsageError(f"{field}: takes trainer.precision 32-true or bf16-mixed, got {precision}")
+    if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
+        raise UsageError(
+            f"{field}: optimizes manually, without trainer.accumulate_grad_batches or trainer.gradient_clip_val"
+        )
+    if mode == "cudagraph" and device.type != "cuda":
+        raise UsageError(f"{field}: needs a CUDA device; this trainer runs on {device.type} (use compile there)")
+    if mode == "compile" and device.type == "cpu" and shutil.which("c++") is None:
+        raise UsageError(f"{field}: torch.compile on the CPU needs a C++ compiler (c++) on the PATH")
+
+
+class StepRecord(nn.Module):
+    """What training steps leave on the device, read on the host only at intervals: the epoch's running sums,
+    the first non-finite step with its loss, the last finite loss before it, and the count of skipped batches.
+
+    Buffers, not persistent: they follow the model to its device and stay out of checkpoints. Every update is
+    in place, so a captured CUDA graph updates the same memory on each replay.
+    """
+
+    def __init__(self, terms: int) -> None:
+        super().__init__()
+        self.register_buffer("sums", torch.zeros(terms + 1, dtype=torch.float64), persistent=False)  # terms*n, n
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("first_bad_step", torch.full((), -1, dtype=torch.int64), persistent=False)
+        self.register_buffer("bad_loss", torch.zeros(()), persistent=False)
+        self.register_buffer("last_finite_loss", torch.full((), math.nan), persistent=False)
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    def start(self, global_step: int) -> None:
+        """At the start of fit: count steps from the trainer's global step (one host-to-device copy)."""
+        self.step.fill_(global_step)
+
+    def update(self, summary: Tensor, n: int, loss: Tensor) -> Tensor:
+        """Add one step: summary (per-image means of the loss terms) weighted by n images, unless the loss is not
+        finite; then record the step instead. Returns the device flag 'this step is bad'."""
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        bad = ~finite
+        clean = torch.where(finite, summary.detach().double(), 0.0)  # where, not a product: nan * 0 is nan
+        weight = finite.double() * n
+        self.sums[:-1].add_(clean * weight)
+        self.sums[-1:].add_(weight)
+        no_bad_yet = self.first_bad_step < 0
+        self.last_finite_loss.copy_(torch.where(finite & no_bad_yet, loss, self.last_finite_loss))
+        self.bad_loss.copy_(torch.where(bad & no_bad_yet, loss, self.bad_loss))
+        self.first_bad_step.copy_(torch.where(bad & no_bad_yet, self.step, self.first_bad_step))
+        self.skipped.add_(bad.long())
+        self.step.add_(1)
+        return bad
+
+    def count_skip(self, skipped: Tensor) -> None:
+        """A step skipped after its loss was recorded (its gradients were not finite)."""
+        self.skipped.add_(skipped.long())
+
+    def take_sums(self) -> Tensor:
+        """The epoch's sums, and a fresh start for the next epoch."""
+        sums = self.sums.clone()
+        self.sums.zero_()
+        return sums
+
+
+class CompiledStep:
+    """forward + loss + backward through `torch.compile` (CPU and GPU), then the optimizer's fused step.
+
+    Random draws use the eager kernels (inductor's fallback_random), so a seeded compiled run follows the same
+    noise as an eager one and their losses agree to rounding.
+    """
+
+    def __init__(self, forward_backward: Callable[[Tensor], Tensor]) -> None:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
+        self.forward_backward = torch.compile(forward_backward, dynamic=False)
+
+    def __call__(self, x: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.forward_backward(x)
+        optimizer.step()
+
+
+class CudaGraphStep:
+    """The whole step (forward, loss, backward, fused capturable Adam, the step record) captured once in a CUDA
+    graph and replayed: one launch a step, no host work beyond copying the batch into the graph's input.
+
+    The first steps run eagerly on a side stream (warm-up); a batch of another shape (the last, short one of an
+    epoch) runs eagerly too, on the same weights and optimizer state.
+    """
+
+    def __init__(self, forward_backward: Callable[[Tensor], Tensor]) -> None:
+        self.forward_backward = forward_backward
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_x: Tensor | None = None
+        self.warmup_left = CAPTURE_WARMUP_STEPS
+
+    def __call__(self, x: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.graph is not None and x.shape == self.static_x.shape:
+            self.static_x.copy_(x)
+            self.graph.replay()
+        elif self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.eager(x, optimizer)
+            torch.cuda.current_stream().wait_stream(side)
+        elif self.graph is None:
+            self.capture(x, optimizer)
+            self.static_x.copy_(x)
+            self.graph.replay()  # capture records without running: this step's work runs now
+        else:
+            self.eager(x, optimizer)
+
+    def eager(self, x: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:  # after capture the gradients are the graph's: zero them in place
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.zero_()
+        self.forward_backward(x)
+        optimizer.step()
+
+    def capture(self, x: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        self.static_x = x.clone()
+        optimizer.zero_grad(set_to_none=True)  # backward inside the capture then allocates them from its pool
+        self.graph = torch.cuda.CUDAGraph()
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        with torch.cuda.graph(self.graph):
+            # Autocast's weight cache must be off under capture (PyTorch's CUDA-graph notes).
+            with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+                self.forward_backward(self.static_x)
+            optimizer.step()
+
+
+class TrainingSteps:
+    """The training step of every aevae model, mixed into its LightningModule: eager under Lightning's automatic
+    optimization, or compiled/captured under manual optimization; divergence and skips recorded on the device and
+    read on the host every step on a CPU, every DEVICE_CHECK_EVERY steps and at each epoch's end on an accelerator.
+
+    The model provides loss_terms, _summary, beta, record (a StepRecord) and the buffers beta_now and found_inf.
+    """
+
+    def configure_step(self, compile_mode: str) -> None:
+        """fit.compile: ``none`` (eager, automatic optimization), ``compile`` (torch.compile of forward, loss and
+        backward) or ``cudagraph`` (the whole step captured in a CUDA graph); the last two optimize manually."""
+        self.compile_mode = compile_mode
+        self.automatic_optimization = compile_mode == "none"
+        runners = {"compile": CompiledStep, "cudagraph": CudaGraphStep}
+        self.step_runner = runners[compile_mode](self._forward_backward) if compile_mode in runners else None
+
+    def on_train_start(self) -> None:
+        self.record.start(self.global_step)
+        self.check_every = host_read_interval(self.device)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        x, _ = batch
+        beta = self.beta()
+        if beta != self._beta_filled:  # a device write, read inside the (captured) step: never frozen there
+            self.beta_now.fill_(beta)
+            self._beta_filled = beta
+        if self.step_runner is not None:  # compiled or captured: manual optimization
+            self._run_captured(x)
+            loss = None
+        else:
+            terms = self.loss_terms(x, self(x))
+            self._found_bad = self.record.update(self._summary(terms), len(x), terms.loss)
+            loss = terms.loss
+        self._after_step()
+        return loss
+
+    def _forward_backward(self, x: Tensor) -> Tensor:
+        """The compiled or captured part of a step: forward, loss, its record, backward, the skip flag."""
+        terms = self.loss_terms(x, self(x))
+        bad = self.record.update(self._summary(terms), len(x), terms.loss)
+        terms.loss.backward()
+        if self.nonfinite_policy == "skip":
+            self.found_inf.copy_(self._skip_flag(bad).float())
+        return terms.loss.detach()
+
+    def _run_captured(self, x: Tensor) -> None:
+        optimizer = self.optimizers()
+        if self.nonfinite_policy == "skip":
+            optimizer.optimizer.found_inf = self.found_inf  # the fused kernel skips on the device
+        if isinstance(self.step_runner, CompiledStep):
+            self.step_runner(x, optimizer)  # the LightningOptimizer: Lightning counts the step
+            return
+        optimizer._on_before_step()  # the raw optimizer steps inside the graph; count it for Lightning
+        self.step_runner(x, optimizer.optimizer)
+        optimizer._on_after_step()
+
+    def _skip_flag(self, loss_bad: Tensor) -> Tensor:
+        """fit.on_nonfinite=skip: this step is skipped when its loss or its gradients are not finite (device flag);
+        a step skipped for its gradients alone is counted here (its loss was counted by the record)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        grads_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros_like(loss_bad)
+        self.record.count_skip(grads_bad & ~loss_bad)
+        return loss_bad | grads_bad
+
+    def _after_step(self) -> None:
+        if self.nonfinite_policy == "stop" and (self.global_step + 1) % self.check_every == 0:
+            self.check_divergence()
+        bar = self._trainer is not None and self.trainer.progress_bar_callback is not None
+        if bar and self.global_step % (1 if self.check_every == 1 else BAR_EVERY) == 0:
+            self.bar_loss = float(self.record.last_finite_loss)  # the one host read a bar update costs
+
+    def check_divergence(self) -> None:
+        """Under fit.on_nonfinite=stop, fail at the first non-finite loss the record holds, naming its step. The run
+        fails with this message and its last good checkpoint stays: this also runs before each epoch's checkpoint."""
+        if self.nonfinite_policy != "stop":
+            return
+        first = int(self.record.first_bad_step)
+        if first < 0:
+            return
+        last = float(self.record.last_finite_loss)
+        last_text = "none" if math.isnan(last) else f"{last:.6g}"
+        raise TrainingDiverged(
+            f"training diverged at epoch {self.current_epoch}, step {first}: loss is {float(self.record.bad_loss)}; "
+            f"last finite loss {last_text}"
+        )
+
+    @property
+    def skipped_batches(self) -> int:
+        return int(self.record.skipped) if self.nonfinite_policy == "skip" else 0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Only the skip policy needs finite gradients before the step. Under "stop", a non-finite gradient makes
+        # the next loss non-finite, which stops training; and fp16 loss scaling, which skips steps with inf
+        # gradients by design, is left to do its job.
+        if self.nonfinite_policy != "skip" or self.step_runner is not None:
+            return
+        skip = self._skip_flag(self._found_bad)
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            self.found_inf.copy_(skip.float())
+            optimizer.found_inf = self.found_inf  # the fused kernel skips on the device: no host sync
+        elif bool(skip):  # an optimizer without that: decide on the host
+            optimizer.zero_grad(set_to_none=True)  # skipping: the optimizer leaves grad-less weights alone
+
+
+class StepLossBar(TQDMProgressBar):
+    """Lightning's progress bar, showing the loss the model last read back (every step on a CPU, every BAR_EVERY
+    steps on an accelerator) instead of a logged tensor, which the bar would read back, and sync on, every step."""
+
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        if getattr(pl_module, "bar_loss", None) is not None:
+            items["loss"] = f"{pl_module.bar_loss:.4g}"
+        return items
+
+
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def plain_cuda_checks(user_value: str | None, strategy: str) -> None:
+    """Undo `import lightning`'s PYTORCH_NVML_BASED_CUDA_CHECK=1 unless the user set it or the strategy forks.
+
+    With it, every `torch.cuda.is_available()` dlopens NVML, and Adam's step asks once a step: about 0.5 ms a step
+    on a CPU machine. It guards forks after CUDA is initialised; aevae forks only DataLoader workers, which never
+    touch CUDA, so only the fork-based strategies keep it.
+    """
+    if user_value is None and "fork" not in strategy and "notebook" not in strategy:
+        os.environ.pop(NVML_CHECK, None)

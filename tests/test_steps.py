@@ -1,0 +1,227 @@
+"""The training step's machinery: batches without a DataLoader, data placement, no per-step host reads, divergence
+named from the device record, and the compiled step training the same model as the eager one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch.utils.data import DataLoader
+
+import aevae
+from aevae import steps
+from aevae.data import ImageDataModule, IndexBatches, InMemoryImages, _keep_batch, device_placement
+from aevae.errors import UsageError
+from aevae.training import build_trainer, instantiate, parse_config, run_training
+from conftest import REPO
+
+DEMO = str(REPO / "experiments" / "vae_demo.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def small_config(tmp_path: Path, *extra: str):
+    return parse_config([
+        "--config", DEMO, "--model.hidden_dims", "[32]", "--model.latent_dim", "2", "--data.batch_size", "32",
+        *QUIET, "--analysis.enabled", "false", "--fit.test", "false",
+        "--tracking.uri", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        "--fit.checkpoint_dir", str(tmp_path / "ckpt"), *extra,
+    ])  # fmt: skip
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def numbered(n: int) -> InMemoryImages:
+    return InMemoryImages(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), torch.arange(n))
+
+
+def test_index_batches_are_the_dataloaders_batches() -> None:
+    """Shuffled or not, the same batches as DataLoader(RandomSampler) from the same global RNG, epoch after epoch,
+    the last short batch included: CPU runs train on exactly the batches they did before."""
+    data = numbered(103)
+    for shuffle in (True, False):
+        torch.manual_seed(7)
+        loader = DataLoader(data, batch_size=10, shuffle=shuffle, collate_fn=_keep_batch)
+        expected = [[labels.tolist() for _, labels in loader] for _epoch in range(3)]
+        torch.manual_seed(7)
+        batches = IndexBatches(data, batch_size=10, shuffle=shuffle)
+        got = [[labels.tolist() for _, labels in batches] for _epoch in range(3)]
+        assert got == expected and len(batches) == len(loader) == 11
+    assert expected[0] != expected[1] or not shuffle
+
+
+@pytest.mark.parametrize(
+    "setting,device,world,need,free,expected",
+    [
+        ("auto", "cpu", 1, 10, None, False),  # the CPU keeps its host tensors
+        ("true", "cpu", 1, 10, None, False),
+        ("false", "cuda:0", 1, 10, 100, False),
+        ("auto", "cuda:0", 1, 50, 100, True),  # at most half the free memory
+        ("auto", "cuda:0", 1, 51, 100, False),
+        ("auto", "cuda:0", 2, 10, 100, False),  # DDP over host data unless asked
+        ("true", "cuda:0", 2, 10, 100, True),  # each rank its shard
+        ("true", "cuda:0", 1, 100, 100, True),
+    ],
+)
+def test_device_placement(setting: str, device: str, world: int, need: int, free: int | None, expected: bool) -> None:
+    assert device_placement(setting, torch.device(device), world, need, free) is expected
+
+
+def test_device_placement_that_cannot_fit_is_one_line_with_the_sizes() -> None:
+    with pytest.raises(UsageError, match=r"data.on_device: the splits take 3.00 GiB and cuda:0 has 2.00 GiB free"):
+        device_placement("true", torch.device("cuda:0"), 1, 3 * 2**30, 2 * 2**30)
+
+
+def test_on_device_takes_auto_true_false(tmp_path: Path) -> None:
+    assert small_config(tmp_path, "--data.on_device", "true").data.on_device is True
+    with pytest.raises(UsageError, match="data.on_device"):
+        small_config(tmp_path, "--data.on_device", "maybe")
+
+
+def test_ddp_shards_on_the_device_are_disjoint_and_cover_each_split() -> None:
+    data = ImageDataModule(source="mnist-5k", split_seed=3)
+    data.setup()
+    for name, split in data.splits.items():
+        shards = [data._shard(split, name, 3, rank).labels for rank in range(3)]
+        assert sum(len(s) for s in shards) == len(split)
+        images = torch.cat([data._shard(split, name, 3, rank).images for rank in range(3)])
+        assert sorted(images.flatten(1).sum(1).tolist()) == sorted(split.images.flatten(1).sum(1).tolist())
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+
+class HostReads:
+    """Counts tensor-to-host reads (item, bool, int, float) made inside training_step."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count, self.inside = 0, False
+        for name in ("item", "__bool__", "__int__", "__float__"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += self.inside
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_accelerator_steps_read_the_host_only_every_check_interval(tmp_path: Path, monkeypatch) -> None:
+    """On an accelerator, steps leave the non-finite check and the epoch sums on the device: 100 steps with the
+    record read every 25 steps make 4 reads (the CPU reads every step, where a read costs nothing)."""
+    config = small_config(tmp_path, "--trainer.max_steps", "100", "--trainer.limit_val_batches", "0")
+    model, data = instantiate(config)
+    reads = HostReads(monkeypatch)
+    step = model.training_step
+
+    def watched(*args):
+        reads.inside = True
+        try:
+            return step(*args)
+        finally:
+            reads.inside = False
+
+    model.training_step = watched
+    monkeypatch.setattr(steps, "host_read_interval", lambda device: 25)  # as on an accelerator
+    build_trainer(config, logger=False).fit(model, datamodule=data)
+    assert model.global_step == 100
+    assert reads.count == 4
+
+
+class PoisonAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            batch[0][0, 0, 0, 0] = float("nan")
+
+
+def test_divergence_read_late_still_names_its_step(tmp_path: Path, monkeypatch) -> None:
+    """The record keeps the first bad step and the last finite loss: a check 20 steps later names step 7."""
+    config = small_config(tmp_path, "--trainer.max_steps", "40", "--trainer.limit_val_batches", "0")
+    model, data = instantiate(config)
+    monkeypatch.setattr(steps, "host_read_interval", lambda device: 20)
+    losses: list[float] = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            losses.append(float(pl_module.record.last_finite_loss))
+
+    trainer = build_trainer(config, logger=False, callbacks=[PoisonAt(7), Losses()])
+    with pytest.raises(steps.TrainingDiverged, match=r"at epoch 0, step 7: loss is nan; last finite loss (\S+)") as err:
+        trainer.fit(model, datamodule=data)
+    assert model.global_step == 19  # read in the 20th step (before its update), not before
+    assert f"last finite loss {losses[6]:.6g}" in str(err.value)
+
+
+def test_lightning_nvml_check_is_undone_unless_the_user_set_it(tmp_path: Path, monkeypatch) -> None:
+    config = small_config(tmp_path)
+    monkeypatch.setenv(steps.NVML_CHECK, "1")  # as `import lightning` leaves it
+    monkeypatch.setattr(aevae, "USER_NVML_CUDA_CHECK", None)
+    build_trainer(config, logger=False)
+    assert steps.NVML_CHECK not in os.environ
+    monkeypatch.setenv(steps.NVML_CHECK, "1")
+    monkeypatch.setattr(aevae, "USER_NVML_CUDA_CHECK", "1")
+    build_trainer(config, logger=False)
+    assert os.environ[steps.NVML_CHECK] == "1"
+
+
+# --- compiled and captured steps -------------------------------------------------------------------
+
+
+def step_losses(config) -> tuple[list[float], dict[str, float], object]:
+    losses: list[float] = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            losses.append(float(pl_module.record.last_finite_loss))
+
+    result = run_training(config, callbacks=[Losses()])
+    return losses, result.metrics, result
+
+
+def test_compiled_step_trains_the_same_model_as_eager(tmp_path: Path) -> None:
+    """200 seeded fp32 steps (a short last batch, and a beta warm-up that moves every step, included): the
+    compiled step's losses within 1e-3 relative of eager's, the same per-epoch metrics, the same checkpoint keys."""
+    args = ["--trainer.max_steps", "200", "--trainer.limit_val_batches", "4", "--model.kl_warmup_epochs", "2"]
+    eager_losses, eager_metrics, eager = step_losses(small_config(tmp_path / "eager", *args))
+    compiled_losses, compiled_metrics, compiled = step_losses(
+        small_config(tmp_path / "compiled", *args, "--fit.compile", "compile")
+    )
+    assert len(eager_losses) == len(compiled_losses) == 200
+    assert eager.trainer.num_training_batches * 32 > 3600  # 113 batches: the last is short
+    worst = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, compiled_losses))
+    assert worst < 1e-3, worst
+    assert eager_losses[-1] < eager_losses[0] - 100  # it trained
+    for key in ("train/loss", "train/kl", "val/loss"):
+        assert compiled_metrics[key] == pytest.approx(eager_metrics[key], rel=1e-3)
+    assert torch.load(compiled.best_checkpoint, weights_only=True)["state_dict"].keys() == (
+        torch.load(eager.best_checkpoint, weights_only=True)["state_dict"].keys()
+    )
+    client = MlflowClient(compiled.tracking_uri)
+    assert client.get_run(compiled.run_id).data.params["fit.compile"] == "compile"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--fit.compile", "cudagraph"], "fit.compile=cudagraph: needs a CUDA device; this trainer runs on cpu"),
+        (["--fit.compile", "compile", "--trainer.precision", "16-mixed"], "takes trainer.precision 32-true or bf16"),
+        (["--fit.compile", "compile", "--trainer.gradient_clip_val", "1.0"], "optimizes manually"),
+        (["--fit.compile", "compile", "--trainer.devices", "2", "--trainer.strategy", "ddp"], "runs on one device"),
+    ],
+)
+def test_a_step_that_cannot_be_compiled_is_refused_before_any_run(tmp_path: Path, extra: list[str], message: str) -> None:
+    config = small_config(tmp_path, *extra)
+    with pytest.raises(UsageError, match=message):
+        run_training(config)
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").rglob("*.ckpt"))
+    db = tmp_path / "mlruns" / "mlflow.db"
+    if db.exists():
+        client = MlflowClient(f"sqlite:///{db}")
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
