@@ -1,5 +1,3 @@
-import sys
+from aevae.cli import run
 
-from aevae.cli import main
-
-sys.exit(main())
+run()

@@ -7,18 +7,25 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from aevae.errors import TrainingDiverged, UsageError
+from aevae import console
+from aevae.errors import CommandFailed, TrainingDiverged, UsageError
 from aevae.tracking import mask_secrets
 from aevae.ui import snapshot, ui
+
+
+OPEN_HINT = "open it: aevae ui"
 
 
 def train(args: Sequence[str]) -> int:
     """Train an AE or VAE from an experiment config, recorded as one MLflow run."""
     from aevae.training import parse_config, run_training
 
+    if console.level() == "quiet":  # only the result: no progress bar, no model summary
+        args = [*args, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     result = run_training(parse_config(args))
     if result.run_id:
-        print(f"run {result.run_id} finished: {mask_secrets(result.tracking_uri)}")
+        console.say(f"run {result.run_id} finished: {mask_secrets(result.tracking_uri)}")
+        console.summary(OPEN_HINT)
     return 0
 
 
@@ -38,11 +45,11 @@ def best(args: Sequence[str]) -> int:
 
 def analyze(args: Sequence[str]) -> int:
     """Recompute a run's latent-space analysis from its logged checkpoint and add it to the run."""
-    from aevae.analysis import analyze_run
+    from aevae.reanalysis import analyze_run
 
     uri, latent = analyze_run(args)
-    print(" ".join(f"{key}={value:.4g}" for key, value in latent.scores.items() if not key.startswith("kl_dim")))
-    print(f"analysis logged under latent/: {mask_secrets(uri)}")
+    console.say(" ".join(f"{key}={value:.4g}" for key, value in latent.scores.items() if not key.startswith("kl_dim")))
+    console.summary(f"analysis logged under latent/: {mask_secrets(uri)}")
     return 0
 
 
@@ -51,9 +58,10 @@ def compare(args: Sequence[str]) -> int:
     from aevae.compare import run_compare
 
     result = run_compare(args)
-    print(result.markdown)
-    print(f"figure: {result.figure}")
-    print(f"parent run {result.parent_run_id}: {mask_secrets(result.tracking_uri)}")
+    console.say(result.markdown)
+    console.summary(f"figure: {result.figure}")
+    console.summary(f"parent run {result.parent_run_id}: {mask_secrets(result.tracking_uri)}")
+    console.summary(OPEN_HINT)
     return 0
 
 
@@ -65,6 +73,16 @@ def reproduce(args: Sequence[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "sweep": sweep, "best": best, "analyze": analyze, "compare": compare, "reproduce": reproduce}
+QUIET_COMMANDS = {"ui", "snapshot"}  # they start no library that chatters
+CONSOLE_FLAGS = ("--verbose", "--quiet")
+
+
+def console_flags(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """--verbose and --quiet, wherever they stand (before or after the command), taken out of the arguments."""
+    verbose, quiet = "--verbose" in argv, "--quiet" in argv
+    if verbose and quiet:
+        raise UsageError("--verbose, --quiet: choose one")
+    return [arg for arg in argv if arg not in CONSOLE_FLAGS], verbose, quiet
 
 
 def usage() -> str:
@@ -72,6 +90,10 @@ def usage() -> str:
         "usage: aevae [--allow-import PACKAGE] COMMAND [options]   (aevae COMMAND --help for a command's options)",
         "",
         "--allow-import PACKAGE  let configs name classes from PACKAGE (default: only aevae and torch.nn)",
+        "--verbose               also show the libraries' own messages (Lightning, MLflow, Optuna)",
+        "--quiet                 print only the result",
+        "",
+        "exit codes: 0 done, 1 failed (diverged, every trial failed, not reproduced), 2 bad input, 130 interrupted",
         "",
         "commands:",
     ]
@@ -99,14 +121,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # the same where mlflow was imported already
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        return handler(args)
+        args, verbose, quiet = console_flags(args)
+        console.configure(verbose, quiet)
+        if command not in QUIET_COMMANDS:
+            console.quiet_libraries()
+        with console.command_warnings():
+            return handler(args)
     except UsageError as err:
         print(f"aevae {command}: error: {mask_secrets(str(err))}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:  # the run is recorded FAILED with the same message
+    except (TrainingDiverged, CommandFailed) as err:  # the run is recorded FAILED with the same message
         print(f"aevae {command}: {mask_secrets(str(err))}", file=sys.stderr)
         return 1
 
 
+INTERRUPTED_EXIT = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+
+
+def run() -> None:
+    """The console script: main(), with Ctrl-C (or SIGTERM in a sweep) one line and exit code 130, not a traceback.
+    The runs and trials were closed (KILLED, queued again) on the way out."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = interrupted()
+    except SystemExit as err:
+        if not isinstance(err.__context__, KeyboardInterrupt):
+            raise
+        code = interrupted()  # Lightning turns Ctrl-C inside fit into exit(1) once it has shut down
+    sys.exit(code)
+
+
+def interrupted() -> int:
+    print("aevae: interrupted", file=sys.stderr)
+    return INTERRUPTED_EXIT
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -17,8 +17,9 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch.callbacks import Callback
 
-from aevae import analysis, tracking, training
+from aevae import analysis, console, tracking, training
 from aevae.errors import UsageError
 
 TABLE_SCORES = ("silhouette_latent", "silhouette_pca", "silhouette_umap", "knn_acc", "probe_acc", "active_units",
@@ -251,11 +252,17 @@ def compare_children(
 
     scores: dict[str, dict[int, dict[str, float]]] = {label: {} for label in labels}
     shown = []
+    progress = RunsProgress(children)
     for label, seed, child in children:
-        result = training.run_training(child, parent_run_id=parent, tags={"compare.variant": label})
+        if console.show_progress():  # one progress line for all runs instead of Lightning's bar per run
+            child.trainer.enable_progress_bar = child.trainer.enable_model_summary = False
+        progress.next_run(label, seed)
+        tags = {"compare.variant": label}
+        result = training.run_training(child, parent_run_id=parent, tags=tags, callbacks=[progress])
         scores[label][seed] = result.metrics
         if seed == config.compare.seeds[0]:
             shown.append(result.latent)
+    progress.close()
     rows = score_table(scores)
     markdown = markdown_table(rows, labels)
     folder = Path(config.compare.output_dir)
@@ -267,3 +274,39 @@ def compare_children(
                if column.endswith(("_mean", "_std", "_p")) and value is not None]  # fmt: skip
     client.log_batch(parent, metrics=summary)
     return Comparison(parent, uri, rows, markdown, figure)
+
+
+class RunsProgress(Callback):
+    """One progress bar over every epoch of every child run: runs done of total, the current model and seed,
+    its epoch and validation loss; tqdm adds the time left."""
+
+    def __init__(self, children: list[tuple[str, int, Namespace]]) -> None:
+        self.epochs = [child.trainer.max_epochs or 1 for _, _, child in children]
+        self.bar = console.bar(sum(self.epochs), "epoch", "compare")
+        self.run, self.label, self.seed, self.counted = -1, "", 0, 0
+
+    def next_run(self, label: str, seed: int) -> None:
+        if self.run >= 0:  # a run that stopped early: its remaining epochs are done too
+            self.bar.update(sum(self.epochs[: self.run + 1]) - self.counted)
+            self.counted = sum(self.epochs[: self.run + 1])
+        self.run, self.label, self.seed = self.run + 1, label, seed
+        self.show(0, None)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        loss = trainer.callback_metrics.get(training.MONITOR)
+        self.show(trainer.current_epoch + 1, None if loss is None else float(loss), refresh=False)
+        self.bar.update(1)
+        self.counted += 1
+
+    def show(self, epoch: int, loss: float | None, refresh: bool = True) -> None:
+        shown = f" {training.MONITOR} {loss:.4g}" if loss is not None else ""
+        self.bar.set_postfix_str(
+            f"run {self.run + 1}/{len(self.epochs)} {self.label} seed {self.seed} "
+            f"epoch {epoch}/{self.epochs[self.run]}{shown}",
+            refresh=refresh,
+        )
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,4 +1,4 @@
-"""Errors the CLI reports as one line: bad input (exit 2) and a diverged training (exit 1)."""
+"""Errors the CLI reports as one line: bad input (exit 2), a diverged training or a failed command (exit 1)."""
 
 
 class UsageError(Exception):
@@ -7,3 +7,7 @@ class UsageError(Exception):
 
 class TrainingDiverged(RuntimeError):
     """Loss or gradients became NaN or infinite; the run ends FAILED with this message."""
+
+
+class CommandFailed(RuntimeError):
+    """The command ran but failed as a whole (every trial of a sweep failed): one line, exit code 1."""

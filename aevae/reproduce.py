@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 from jsonargparse import ArgumentParser, Namespace
 
-from aevae import distributed, tracking, training
+from aevae import console, distributed, tracking, training
 from aevae.errors import UsageError
 
 SOURCE_ENV = "AEVAE_REPRODUCE_SOURCE_RUN"
@@ -22,7 +22,10 @@ COMPARED = (
     "val/loss", "val/nelbo", "test/loss", "test/nelbo", "test/recon",
     "silhouette_latent", "silhouette_pca", "silhouette_umap", "knn_acc", "probe_acc",
 )  # fmt: skip
-CHAMPION = "champion"
+CHAMPION = "champion"  # the alias a user loads by name: only ever a reproduced model
+VERDICT_TAG = "reproduction_verdict"
+REPRODUCED, NOT_REPRODUCED = "reproduced", "not reproduced"
+NOT_REPRODUCED_EXIT = 1  # the command ran, but the scores did not reproduce
 
 
 @dataclass
@@ -162,9 +165,11 @@ def check_registry_name(client: Any, name: str, kind: str) -> None:
         raise UsageError(f"--register-as: registered model {name!r} holds {existing} models, not {kind}")
 
 
-def register(client: Any, run_id: str, model: Any, name: str, kind: str, metric: str, score: float | None) -> tuple[str, bool]:
-    """Log the model to the run, make it a version of `name`, and move the champion alias to it when
-    its metric is at least as good (lower) as the current champion's."""
+def register(
+    client: Any, run_id: str, model: Any, name: str, kind: str, metric: str, score: float | None, reproduced: bool
+) -> tuple[str, bool]:
+    """Log the model to the run, make it a version of `name` tagged with its verdict, and move the champion alias
+    to it when it reproduced and its metric is at least as good (lower) as the current (reproduced) champion's."""
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
@@ -176,13 +181,18 @@ def register(client: Any, run_id: str, model: Any, name: str, kind: str, metric:
         client.create_registered_model(name, tags={"model_kind": kind})
     except MlflowException:
         pass  # exists: check_registry_name has vetted its kind
-    version = client.create_model_version(name, f"{client.get_run(run_id).info.artifact_uri}/model", run_id=run_id)
+    verdict = {VERDICT_TAG: REPRODUCED if reproduced else NOT_REPRODUCED}
+    version = client.create_model_version(
+        name, f"{client.get_run(run_id).info.artifact_uri}/model", run_id=run_id, tags=verdict
+    )
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
         current = client.get_run(champion.run_id).data.metrics.get(metric)
+        if champion.tags.get(VERDICT_TAG) != REPRODUCED:
+            current = None  # a champion from before verdicts were kept gives way to any reproduced model
     except MlflowException:
         current = None
-    promote = current is None or (score is not None and score <= current)
+    promote = reproduced and (current is None or (score is not None and score <= current))
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return version.version, promote
@@ -203,7 +213,8 @@ def _source_for_launched_ranks(run_id: str) -> Iterator[None]:
             os.environ[SOURCE_ENV] = previous
 
 
-def reproduce(options: Namespace) -> training.TrainingResult:
+def reproduce(options: Namespace) -> tuple[training.TrainingResult, bool | None]:
+    """Retrain the source, compare, register; the verdict (None on ranks other than 0, which only train)."""
     from mlflow import MlflowClient
 
     if bool(options.run_id) == bool(options.study):
@@ -226,19 +237,22 @@ def reproduce(options: Namespace) -> training.TrainingResult:
         with _source_for_launched_ranks(run_id):
             result = training.run_training(config, tags={**source.tags, "reproduction": "true"})
     if result.run_id is None:  # not rank 0: rank 0 compares and registers
-        return result
+        return result, None
     rows, verdict = compare_scores(source.metrics, result.metrics, options.tolerance)
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "comparison.md").write_text(comparison_markdown(rows, verdict, options.tolerance))
         (Path(folder) / "comparison.json").write_text(json.dumps({"verdict": verdict, "scores": rows}, indent=2))
         client.log_artifacts(result.run_id, folder, "reproduction")
-    client.set_tag(result.run_id, "reproduction_verdict", "reproduced" if verdict else "not reproduced")
-    print(comparison_markdown(rows, verdict, options.tolerance))
+    client.set_tag(result.run_id, VERDICT_TAG, REPRODUCED if verdict else NOT_REPRODUCED)
+    console.say(comparison_markdown(rows, verdict, options.tolerance))
     if options.register_as:
         score = result.metrics.get(options.champion_metric)
-        version, promoted = register(client, result.run_id, result.model, options.register_as, kind, options.champion_metric, score)
-        print(f"registered {options.register_as} version {version}" + (f" as @{CHAMPION}" if promoted else ""))
-    return result
+        version, promoted = register(
+            client, result.run_id, result.model, options.register_as, kind, options.champion_metric, score, verdict
+        )
+        champion = f" as @{CHAMPION}" if promoted else ""
+        console.summary(f"registered {options.register_as} version {version}{champion}")
+    return result, verdict
 
 
 def reproduce_command(args: Sequence[str]) -> int:
@@ -246,7 +260,8 @@ def reproduce_command(args: Sequence[str]) -> int:
         options = build_parser().parse_args(list(args))
     except Exception as err:
         raise UsageError(training.one_line(err)) from err
-    result = reproduce(options)
+    result, verdict = reproduce(options)
     if result.run_id:
-        print(f"reproduction run {result.run_id}: {tracking.mask_secrets(result.tracking_uri)}")
-    return 0
+        where = tracking.mask_secrets(result.tracking_uri)
+        console.summary(f"reproduction run {result.run_id}: {where} (open it: aevae ui)")
+    return NOT_REPRODUCED_EXIT if verdict is False else 0

@@ -246,6 +246,19 @@ def data_shape(config: Namespace, datamodule: ImageDataModule) -> list[int]:
     return shape
 
 
+def prepare(
+    config: Namespace, parser: ArgumentParser | None = None
+) -> tuple[LatentAutoencoder, ImageDataModule, analysis.AnalysisOptions]:
+    """Everything a run checks before it exists (model, trainer options, data files, analysis), writing nothing."""
+    model, datamodule = instantiate(config, parser)
+    datamodule.setup("fit")  # a missing data file fails here, before any run exists
+    check_trainer(config, datamodule)
+    latent_options = analysis.AnalysisOptions(**config.analysis.as_dict())
+    if latent_options.enabled:
+        analysis.check(model, datamodule, latent_options)
+    return model, datamodule, latent_options
+
+
 def run_training(
     config: Namespace,
     parent_run_id: str | None = None,
@@ -257,14 +270,9 @@ def run_training(
     from mlflow import MlflowClient
 
     parser = build_parser()
-    model, datamodule = instantiate(config, parser)
-    datamodule.setup("fit")  # a missing data file fails here, before any run exists
-    check_trainer(config, datamodule)
-    latent_options = analysis.AnalysisOptions(**config.analysis.as_dict())
-    if latent_options.enabled:
-        analysis.check(model, datamodule, latent_options)
-        if latent_options.every_n_epochs:
-            callbacks = [*callbacks, analysis.PeriodicAnalysis(latent_options)]
+    model, datamodule, latent_options = prepare(config, parser)
+    if latent_options.enabled and latent_options.every_n_epochs:
+        callbacks = [*callbacks, analysis.PeriodicAnalysis(latent_options)]
     tracking_uri = config.tracking.uri or tracking.default_tracking_uri()
     if config.fit.resume:
         tracking.require_existing(tracking_uri, "fit.resume")

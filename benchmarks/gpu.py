@@ -15,7 +15,7 @@ is the median of the later ones, timed between epoch starts with the device sync
 epoch). Variants are interleaved over --repeats. aevae's eager fit also counts the host synchronisations its
 training steps make (torch.cuda.set_sync_debug_mode). Under 6 minutes on one H100 with the defaults.
 Run: `AEVAE_DATA_ROOT=/folder/with/MNIST python benchmarks/gpu.py` (`--device cpu --epochs 2 --repeats 1
---sweep-workers 1` checks the script itself on a machine without a GPU).
+--sweep-workers 1 --limit-batches 5` checks the script itself on a machine without a GPU).
 """
 
 from __future__ import annotations
@@ -64,14 +64,17 @@ def hand_setup(root: str, device: torch.device, capturable: bool) -> tuple[VAE, 
     return model, optimizer, splits
 
 
+LIMIT: int | None = None  # --limit-batches: a check of the script itself, not a measurement
+
+
 def hand_epoch(model: VAE, optimizer: torch.optim.Optimizer, splits: dict, step: Callable) -> None:
     train = splits["train"]
     model.train()
-    for index in torch.randperm(len(train), device=train.device).split(128):
+    for index in torch.randperm(len(train), device=train.device).split(128)[:LIMIT]:
         step(train[index])
     model.eval()
     with torch.no_grad():
-        for x in splits["val"].split(128):
+        for x in splits["val"].split(128)[:LIMIT]:
             model.loss_terms(x, model(x))
 
 
@@ -161,7 +164,9 @@ def fit_aevae(root: str, device: torch.device, epochs: int, store: Path, *extra:
         "--model.latent_dim", "20", "--model.hidden_dims", "[512, 256]", "--trainer.max_epochs", str(epochs),
         "--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--fit.test", "false", "--analysis.enabled", "false",
-        "--tracking.uri", f"sqlite:///{store / 'mlflow.db'}", "--fit.checkpoint_dir", str(store / "ckpt"), *extra,
+        "--tracking.uri", f"sqlite:///{store / 'mlflow.db'}", "--fit.checkpoint_dir", str(store / "ckpt"),
+        *(["--trainer.limit_train_batches", str(LIMIT), "--trainer.limit_val_batches", str(LIMIT)] if LIMIT else []),
+        *extra,
     ])  # fmt: skip
     clock = SyncCounter(device)
     run_training(config, callbacks=[clock])
@@ -224,7 +229,11 @@ def sweep_minutes(root: str, device: torch.device, workers: int, epochs: int, fo
     config = folder / f"sweep-{workers}.yaml"
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     experiment = REPO / "experiments" / "vae_mnist.yaml"
-    config.write_text(SWEEP_YAML.format(experiment=experiment, epochs=epochs, accelerator=accelerator, root=root))
+    text = SWEEP_YAML.format(experiment=experiment, epochs=epochs, accelerator=accelerator, root=root)
+    if LIMIT:
+        limits = f"  trainer.limit_train_batches: {LIMIT}\n  trainer.limit_val_batches: {LIMIT}\n"
+        text = text.replace("space:\n", limits + "space:\n")
+    config.write_text(text)
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "aevae", "sweep", "--config", str(config), "--workers", str(workers),
@@ -247,7 +256,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sweep-workers", type=int, nargs="*", default=[1, 4, 8])
     parser.add_argument("--sweep-epochs", type=int, default=2)
+    parser.add_argument("--limit-batches", type=int, default=None, help="check the script on few batches")
     args = parser.parse_args()
+    global LIMIT
+    LIMIT = args.limit_batches
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     if on_gpu:
@@ -277,13 +289,13 @@ def main() -> None:
     sweeps = {n: sweep_minutes(args.root, device, n, args.sweep_epochs, folder) for n in args.sweep_workers}
 
     base = statistics.median(marginal["hand"])
-    print(f"\n| variant | s / epoch | samples / s | vs hand | first epoch (s) | host syncs / step |")
+    print("\n| variant | s / epoch | samples / s | vs hand | first epoch (s) | host syncs / step |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in variants:
         epoch = statistics.median(marginal[name])
         print(f"| {name} | {epoch:.3f} | {TRAIN_IMAGES / epoch:,.0f} | {base / epoch:.2f}x | "
               f"{statistics.median(first[name]):.1f} | {syncs.get(name, float('nan')):.2f} |")  # fmt: skip
-    print(f"\n| sweep workers | wall (min) | trials / min | vs 1 worker |")
+    print("\n| sweep workers | wall (min) | trials / min | vs 1 worker |")
     print("|---:|---:|---:|---:|")
     one = sweeps.get(min(sweeps)) if sweeps else None
     for workers, minutes in sweeps.items():

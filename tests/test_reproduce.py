@@ -94,6 +94,25 @@ def test_champion_moves_only_to_a_better_model(tmp_path: Path, tracking_uri: str
     assert client.get_run(champion.run_id).data.tags["source_run_id"] == good
 
 
+def test_not_reproduced_exits_1_is_registered_but_never_champion(tmp_path: Path, tracking_uri: str, capsys) -> None:
+    from mlflow.exceptions import MlflowException
+
+    source_id = train_source(tracking_uri, tmp_path, "--analysis.enabled", "false")
+    base = ["reproduce", "--run-id", source_id, "--tracking-uri", tracking_uri]
+    assert main([*base, "--max-epochs", "1", "--tolerance", "0"]) == 1  # one epoch of two: other scores
+    assert "verdict: NOT REPRODUCED" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri)
+    (version,) = client.search_model_versions("name='aevae-vae'")
+    assert version.tags["reproduction_verdict"] == "not reproduced"
+    with pytest.raises(MlflowException):  # the registry had no champion, and still has none
+        client.get_model_version_by_alias("aevae-vae", "champion")
+    assert main(base) == 0  # the same training again: reproduced, so it becomes the champion
+    champion = client.get_model_version_by_alias("aevae-vae", "champion")
+    assert str(champion.version) == "2" and champion.tags["reproduction_verdict"] == "reproduced"
+    assert main([*base, "--max-epochs", "1", "--tolerance", "0"]) == 1
+    assert str(client.get_model_version_by_alias("aevae-vae", "champion").version) == "2"
+
+
 def test_batch_rule() -> None:
     assert scale_batch(128, 1e-3, 1, 8, scale_lr=False) == (16, 1e-3)
     assert scale_batch(128, 1e-3, 1, 8, scale_lr=True) == (128, 8e-3)

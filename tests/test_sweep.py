@@ -20,9 +20,11 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from aevae import cli, sweep, sweep_map
+from aevae import cli, sweep
+from aevae.sweep import grid_map as sweep_map
+from aevae.sweep import placement
 from aevae.errors import UsageError
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, run_aevae
 
 # A sweep that trains in about a second a trial: 5k embedded digits, one hidden layer, a few batches.
 TINY: dict[str, Any] = {
@@ -272,9 +274,15 @@ def test_sigkilled_worker_trial_is_retried_and_its_run_killed(in_tmp: Path) -> N
     running: list[optuna.trial.FrozenTrial] = []
     while time.monotonic() < deadline and worker.poll() is None:  # kill once trial 1 trains (trial 0 is done)
         time.sleep(0.3)
-        if "Trial 0 finished" not in (tmp_path / "killed.log").read_text():
-            continue  # the study exists: polling it creates nothing
-        running = [t for t in trials(storage) if t.number == 1 and t.state == TrialState.RUNNING]
+        if not Path(storage.removeprefix("sqlite:///")).exists():
+            continue  # polling an existing study creates nothing
+        try:
+            study = trials(storage)
+        except KeyError:  # the database is there, the study not yet
+            continue
+        if not any(t.number == 0 and t.state == TrialState.COMPLETE for t in study):
+            continue
+        running = [t for t in study if t.number == 1 and t.state == TrialState.RUNNING]
         if running and sweep.RUN_ID_ATTR in running[0].user_attrs:
             worker.send_signal(signal.SIGKILL)
             break
@@ -338,3 +346,116 @@ def test_two_machines_share_one_study_on_postgresql(tmp_path: Path, postgres_url
         assert worker.wait(timeout=300) == 0, worker.stderr.read()[-3000:]
     check_one_run_per_trial(tmp_path, postgres_url, 4)
     assert len({run.data.tags["optuna.worker"] for run in child_runs(tmp_path)}) == 2
+
+
+# --- checks before a sweep starts, and how it ends -------------------------------------------------
+
+
+def sweep_cli(folder: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run_aevae("sweep", "--config", str(folder / "tiny.yaml"), *args, cwd=folder, env=env)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the progress bar's frames: what the user is told."""
+    frames = [part for line in stderr.splitlines() for part in line.split("\r")]
+    return [line for line in frames if line.strip() and not line.lstrip().startswith("sweep tiny:")]
+
+
+def test_sweep_without_its_data_is_one_line_and_writes_nothing(in_tmp: Path) -> None:
+    overrides = {**TINY["overrides"], "data.source": "mnist"}
+    write_sweep(in_tmp, overrides=overrides)
+    result = sweep_cli(in_tmp, env={"AEVAE_DATA_ROOT": str(in_tmp / "no-data")})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_lines(result.stderr) == [result.stderr.strip()]
+    assert "experiment: data.source=mnist: train-images-idx3-ubyte.gz not found" in result.stderr
+    assert not (in_tmp / "mlruns").exists()  # no study, no parent run, no store
+
+
+def test_a_trial_that_fails_on_bad_input_stops_the_sweep_at_once(in_tmp: Path) -> None:
+    # The base experiment trains (embedded digits); the searched data.source does not exist here: every trial would
+    # fail alike, so the first one stops the sweep with its one line.
+    write_sweep(in_tmp, space={"data.source": ["mnist"]}, n_trials=3)
+    result = sweep_cli(in_tmp, env={"AEVAE_DATA_ROOT": str(in_tmp / "no-data")})
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("aevae sweep: error: data.source=mnist: "), lines
+    (trial,) = trials(local_storage(in_tmp))
+    assert trial.state == TrialState.FAIL and "not found" in trial.user_attrs["usage_error"]
+    client = MlflowClient(f"sqlite:///{in_tmp / 'mlruns' / 'mlflow.db'}")
+    (parent,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                 if r.data.tags.get("aevae.sweep") == "parent"]  # fmt: skip
+    assert parent.info.status == "FAILED"
+
+
+def test_a_sweep_whose_trials_all_failed_exits_1_without_plot_warnings(in_tmp: Path) -> None:
+    write_sweep(in_tmp, space={"model.lr": [1e6]}, objectives=[{"metric": "val/loss"}], n_trials=2)
+    result = sweep_cli(in_tmp)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert [line for line in lines if line.startswith("trial ")] == [
+        f"trial {n} failed: TrainingDiverged: {lines[0].partition('TrainingDiverged: ')[2]}" for n in (0, 1)
+    ]
+    assert lines[-1].startswith("aevae sweep: all 2 trials failed; the last: TrainingDiverged: ")
+    assert len(lines) == 3 and "Traceback" not in result.stderr and "plot" not in result.stderr, lines
+    assert [t.state for t in trials(local_storage(in_tmp))] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_sweep_progress_and_summary_without_library_chatter(in_tmp: Path) -> None:
+    write_sweep(in_tmp, n_trials=2)
+    result = sweep_cli(in_tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("study tiny: 2 trials (2 complete)") and "open it: aevae ui" in result.stdout
+    final = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert "2/2" in final and "2 complete, 0 pruned, 0 failed | best val/nelbo=" in final, final
+    assert error_lines(result.stderr) == [], result.stderr[-3000:]  # no banner, tip, warning or Optuna INFO line
+    quiet = run_aevae("best", "--study", "tiny", "--quiet", cwd=in_tmp)
+    assert quiet.stdout.startswith("study tiny: 2 trials") and quiet.stderr == ""
+
+
+# --- worker placement on GPUs -------------------------------------------------------------------------
+
+
+PLACEMENTS = [  # workers, GPUs, each worker's GPU
+    (1, [], [None]),
+    (3, [], [None, None, None]),
+    (2, ["0", "1"], ["0", "1"]),
+    (4, ["0", "1"], ["0", "1", "0", "1"]),
+    (3, ["2"], ["2", "2", "2"]),
+    (1, ["0", "1", "2", "3"], ["0"]),
+    (3, ["3", "1"], ["3", "1", "3"]),
+]
+
+
+@pytest.mark.parametrize("workers, gpus, expected", PLACEMENTS)
+def test_workers_are_placed_round_robin_on_the_gpus(workers: int, gpus: list[str], expected: list) -> None:
+    assert placement.place(workers, gpus) == expected
+
+
+def test_gpu_lists_and_threads() -> None:
+    assert placement.parse_gpus("0,2", ["0", "1", "2"]) == ["0", "2"]
+    assert placement.parse_gpus(" 1 ", ["4", "5"]) == ["5"]  # an index among the visible GPUs -> its physical id
+    assert placement.parse_gpus(None, ["4", "5"]) == ["4", "5"]
+    for text, message in (("0,0", "listed twice"), ("3", "no GPU 3"), ("a", "expected GPU indices"), ("", "expected")):
+        with pytest.raises(UsageError, match=f"--gpus: .*{message}"):
+            placement.parse_gpus(text, ["0", "1"])
+    assert [placement.threads_per_worker(n, 16) for n in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+
+
+def test_bad_gpu_list_is_one_line_and_creates_nothing(in_tmp: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv(placement.FAKE_GPUS_ENV, "2")
+    assert cli.main(["sweep", "--config", str(write_sweep(in_tmp)), "--workers", "2", "--gpus", "0,2"]) == 2
+    assert capsys.readouterr().err.strip() == "aevae sweep: error: --gpus: no GPU 2; this machine shows 2 (indices 0..1)"
+    assert not (in_tmp / "mlruns").exists()
+
+
+def test_each_trial_records_the_gpu_its_worker_was_pinned_to(in_tmp: Path) -> None:
+    # Two GPUs stated (placement runs as on a GPU machine); the trials still train on this machine's CPU.
+    write_sweep(in_tmp, n_trials=4)
+    result = sweep_cli(in_tmp, "--workers", "2", "--gpus", "1,0", env={placement.FAKE_GPUS_ENV: "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = child_runs(in_tmp)
+    assert len(runs) == 4 and {run.data.tags["device"] for run in runs} == {"cpu"}
+    gpu_of_worker = {run.data.tags["optuna.worker"]: run.data.tags["worker.gpu"] for run in runs}
+    assert sorted(gpu_of_worker.values()) == ["0", "1"]  # two workers, one GPU each
+    for run in runs:
+        assert run.data.tags["worker.gpu"] == gpu_of_worker[run.data.tags["optuna.worker"]]

@@ -1,6 +1,6 @@
 """The map of a grid sweep over two settings (latent_dim x kl_weight): one heat map per score, and the
 Pareto front of reconstruction against cluster quality. Read from the study's finished trials, whose
-scores the sweep keeps in each trial's user attributes (see `sweep.objective`)."""
+scores the sweep keeps in each trial's user attributes (see `sweep.trials.objective`)."""
 
 from __future__ import annotations
 
