@@ -12,7 +12,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -272,10 +272,3 @@ def split_off_test(data: Split, test_fraction: float, seed: int) -> dict[str, Sp
     n_test = max(1, round(test_fraction * len(images)))
     test, train = order[:n_test], order[n_test:]
     return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
-
-
-Loader = Callable[[], dict[str, Split]]
-
-
-def all_labelled(labels: Iterable[torch.Tensor]) -> bool:
-    return all(bool((split >= 0).all()) for split in labels)
