@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -20,6 +21,7 @@ def train(args: Sequence[str]) -> int:
     """Train an AE or VAE from an experiment config, recorded as one MLflow run."""
     from aevae.training import parse_config, run_training
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: the run ends KILLED, exit 1
     if console.level() == "quiet":  # only the result: no progress bar, no model summary
         args = [*args, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     result = run_training(parse_config(args))
@@ -65,6 +67,13 @@ def compare(args: Sequence[str]) -> int:
     return 0
 
 
+def server(args: Sequence[str]) -> int:
+    """Start a team's MLflow tracking server (PostgreSQL or SQLite, proxied artifacts, basic auth)."""
+    from aevae.server import server as start_server
+
+    return start_server(args)
+
+
 def reproduce(args: Sequence[str]) -> int:
     """Retrain a finished run or a sweep's best trial on any devices; compare; register the model."""
     from aevae.reproduce import reproduce_command
@@ -72,8 +81,22 @@ def reproduce(args: Sequence[str]) -> int:
     return reproduce_command(args)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "sweep": sweep, "best": best, "analyze": analyze, "compare": compare, "reproduce": reproduce}
-QUIET_COMMANDS = {"ui", "snapshot"}  # they start no library that chatters
+def ood(args: Sequence[str]) -> int:
+    """Out-of-distribution detection: score a run's test images against another data set's (AUROC, AUPR, FPR95)."""
+    from aevae.ood import ood_command
+
+    return ood_command(args)
+
+
+def samples(args: Sequence[str]) -> int:
+    """Sample quality: VAE prior and AE/VAE + GMM samples against test images (Fréchet distance, precision/recall)."""
+    from aevae.samples import samples_command
+
+    return samples_command(args)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "sweep": sweep, "best": best, "analyze": analyze, "compare": compare, "reproduce": reproduce, "server": server, "ood": ood, "samples": samples}
+QUIET_COMMANDS = {"ui", "snapshot", "server"}  # they start no library that chatters
 CONSOLE_FLAGS = ("--verbose", "--quiet")
 
 

@@ -13,13 +13,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.callbacks import Callback
 
-from aevae import analysis, console, tracking, training
+from aevae import analysis, console, tracking, training, uses
 from aevae.errors import UsageError
 
 TABLE_SCORES = ("silhouette_latent", "silhouette_pca", "silhouette_umap", "knn_acc", "probe_acc", "active_units",
@@ -38,11 +38,16 @@ class CompareOptions:
             ``{class_path: ..., init_args: {...}}`` whose init_args override the experiment's, e.g. a VAE with
             another ``kl_weight``.
         output_dir: local folder for the figure and the table (both are also logged to the parent run).
+        ood: also score each run's out-of-distribution detection, as `aevae ood` with these options,
+            e.g. ``{against: fashion-mnist, k: 100}``.
+        samples: also score each run's samples, as `aevae samples` with these options, e.g. ``{n: 10000}``.
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     models: list[Union[str, dict[str, Any]]] = field(default_factory=lambda: ["aevae.models.AE", "aevae.models.VAE"])
     output_dir: str = "out/compare"
+    ood: Optional[dict[str, Any]] = None
+    samples: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -134,7 +139,7 @@ def score_table(scores: dict[str, dict[int, dict[str, float]]]) -> list[dict[str
     (baseline, baseline_runs), *others = scores.items()
     seeds = sorted(baseline_runs)
     rows = []
-    for name in TABLE_SCORES:
+    for name in (*TABLE_SCORES, *uses.table_scores(r for runs in scores.values() for r in runs.values())):
         row: dict[str, Any] = {"score": name, "seeds": len(seeds)}
         for label, runs in scores.items():
             values = [runs[seed][name] for seed in seeds if name in runs[seed]]
@@ -216,6 +221,7 @@ def run_compare(args: Sequence[str]) -> Comparison:
     model, datamodule = built[0]  # data, trainer and analysis are the same for all
     training.check_trainer(children[0][2])
     analysis.check(model, datamodule, analysis.AnalysisOptions(**config.analysis.as_dict()))
+    uses.check(config.compare.ood, config.compare.samples, datamodule)
     uri = tracking.open_store(config.tracking.uri or tracking.default_tracking_uri())
     client = MlflowClient(uri)
     labels = list(dict.fromkeys(label for label, _, _ in children))
@@ -259,7 +265,8 @@ def compare_children(
         progress.next_run(label, seed)
         tags = {"compare.variant": label}
         result = training.run_training(child, parent_run_id=parent, tags=tags, callbacks=[progress])
-        scores[label][seed] = result.metrics
+        scores[label][seed] = {**result.metrics, **uses.evaluate(client, uri, result.run_id, result.model,
+                               result.datamodule, config.compare.ood, config.compare.samples, seed)}
         if seed == config.compare.seeds[0]:
             shown.append(result.latent)
     progress.close()

@@ -215,6 +215,26 @@ def device_placement(on_device: str, device: torch.device, world_size: int, need
     return True
 
 
+def check_classes(classes: list[int] | None) -> None:
+    """data.classes: None, or distinct labels 0..9 that keep at least one class."""
+    if classes is None:
+        return
+    if not classes or any(not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 9 for c in classes):
+        raise UsageError(f"data.classes must be a non-empty list of labels in 0..9, got {classes}")
+    if len(set(classes)) != len(classes):
+        raise UsageError(f"data.classes lists a label twice: {classes}")
+
+
+def keep_classes(
+    images: torch.Tensor, labels: torch.Tensor, classes: list[int], split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the images whose label is in classes."""
+    keep = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
+    if not keep.any():
+        raise UsageError(f"data.classes: no {split} image has a label in {classes}")
+    return images[keep], labels[keep]
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Images of any size and channel count, held in memory as uint8, with a seeded validation split.
 
@@ -242,6 +262,7 @@ class ImageDataModule(pl.LightningDataModule):
             per-step copy happens: ``auto`` (on a single accelerator when they take at most half its free
             memory), ``true`` (refused when they cannot fit; under DDP each rank holds its shard) or ``false``.
             CPU training is unaffected.
+        classes: class labels to keep in every split (e.g. digits 0-8, holding 9 out); None keeps all.
     """
 
     def __init__(
@@ -260,6 +281,7 @@ class ImageDataModule(pl.LightningDataModule):
         binarize: bool = False,
         num_workers: int = 0,
         on_device: bool | Literal["auto"] = "auto",
+        classes: list[int] | None = None,
     ) -> None:
         super().__init__()
         check_source(source)
@@ -277,6 +299,7 @@ class ImageDataModule(pl.LightningDataModule):
             raise UsageError(f"data.on_device: choose auto, true or false, got {on_device!r}")
         if on_device is True and num_workers > 0:
             raise UsageError("data.on_device: true keeps batches on the device; it takes data.num_workers 0")
+        check_classes(classes)
         self.save_hyperparameters()
         self.source = source
         self.root = Path(root) if root else default_data_root()
@@ -294,6 +317,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.splits: dict[str, InMemoryImages] = {}  # on the host, whole
         self.batches_from: dict[str, InMemoryImages] = {}  # where batches are cut: the host splits, or on a device
         self.placed_on: tuple[torch.device, int, int] | None = None  # (device, world size, rank) of batches_from
+        self.classes = None if classes is None else sorted(classes)
 
     def prepare_data(self) -> None:
         if not self.download:
@@ -340,6 +364,8 @@ class ImageDataModule(pl.LightningDataModule):
     def load(self) -> None:
         """Read the data set into host memory and make the train/val/test splits."""
         arrays = self.read_source()
+        if self.classes is not None:
+            arrays = {split: keep_classes(*pair, self.classes, split) for split, pair in arrays.items()}
         train_images, train_labels = arrays["train"]
         order = torch.from_numpy(np.random.default_rng(self.split_seed).permutation(len(train_images)))
         n_val = max(1, round(self.val_fraction * len(order)))

@@ -101,7 +101,7 @@ def study_source_run(options: Namespace, tracking_uri: str) -> tuple[str, dict[s
 
 def load_source(client: Any, run_id: str, origin: dict[str, str], folder: Path) -> Source:
     """The source run's recorded config and scores; it must have finished with a checkpoint."""
-    run, config_path, _ = tracking.fetch_run_files(client, run_id, "--run-id", str(folder))
+    run, config_path, _ = tracking.fetch_run_files(client, run_id, "--run-id", str(folder), checkpoint=False)
     if run.info.status != "FINISHED":
         raise UsageError(f"--run-id: run {run_id} is {run.info.status}, not FINISHED")
     config = training.parse_config(["--config", str(config_path)])

@@ -58,20 +58,25 @@ def require_existing(url: str, field: str) -> str:
 RUN_FILES = ("config.yaml", "checkpoints/best.ckpt")  # what a finished `aevae train` run can be rebuilt from
 
 
-def fetch_run_files(client: Any, run_id: str, field: str, folder: str) -> tuple[Any, Path, Path]:
-    """The run, its config.yaml and best checkpoint (downloaded to folder); a missing run or file is a
-    UsageError naming the field."""
+def fetch_run_files(
+    client: Any, run_id: str, field: str, folder: str, checkpoint: bool = True
+) -> tuple[Any, Path, Path | None]:
+    """The run, its config.yaml and best checkpoint (downloaded to folder; None unless ``checkpoint``); a missing
+    run or file is a UsageError naming the field."""
     from mlflow.exceptions import MlflowException
 
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
         raise UsageError(f"{field}: no run {run_id!r} in the tracking store") from err
+    needed = RUN_FILES if checkpoint else RUN_FILES[:1]
     logged = {item.path for path in ("", "checkpoints") for item in client.list_artifacts(run_id, path)}
-    if not set(RUN_FILES) <= logged:
-        raise UsageError(f"{field}: run {run_id} has no {' or '.join(RUN_FILES)} artifact; was it trained by aevae?")
-    config, checkpoint = (Path(client.download_artifacts(run_id, name, folder)) for name in RUN_FILES)
-    return run, config, checkpoint
+    if not set(needed) <= logged:
+        hint = " (trained with tracking.log_checkpoints: none?)" if RUN_FILES[0] in logged else "; was it trained by aevae?"
+        missing = " or ".join(name for name in needed if name not in logged)
+        raise UsageError(f"{field}: run {run_id} has no {missing} artifact{hint}")
+    files = [Path(client.download_artifacts(run_id, name, folder)) for name in needed]
+    return run, files[0], files[1] if checkpoint else None
 
 
 def writable_folder(folder: Path, field: str) -> None:
@@ -119,6 +124,9 @@ def check_reachable(tracking_uri: str, scheme: str, timeout_s: int = 10) -> None
             from urllib.request import urlopen
 
             urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
+            from aevae.credentials import check_login
+
+            check_login(tracking_uri, mask_secrets(tracking_uri), timeout_s=timeout_s)  # a wrong password: one line
         elif scheme in ("postgresql", "mysql"):
             import sqlalchemy
 
@@ -126,6 +134,8 @@ def check_reachable(tracking_uri: str, scheme: str, timeout_s: int = 10) -> None
             with engine.connect():
                 pass
             engine.dispose()
+    except UsageError:  # the server answered, and refused the login
+        raise
     except Exception as err:  # refused, unknown host, bad credentials, a missing driver
         reason = mask_secrets(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
         raise UsageError(f"tracking.uri: cannot reach {mask_secrets(tracking_uri)} ({reason[:300]})") from err
@@ -221,12 +231,28 @@ def artifact_location(tracking_uri: str) -> str | None:
     return (store / ARTIFACTS_DIR).resolve().as_uri() if store is not None else None
 
 
+# MLflow 3.x's UI reads this experiment tag to choose its view: "custom_model_development" opens on the runs table
+# and charts; without it an experiment with no runs yet may be shown as a GenAI (traces) experiment.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(client: Any, name: str, tracking_uri: str) -> str:
-    """The id of experiment ``name``, created with the store's artifact location if new."""
+    """The id of experiment ``name`` (marked as model training), created with the store's artifact location if new."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                name, artifact_location=artifact_location(tracking_uri), tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+            )
+        except MlflowException:  # another worker or rank created it a moment ago
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older aevae or by MLflow itself
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment.experiment_id
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

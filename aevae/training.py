@@ -44,11 +44,13 @@ class TrackingOptions:
         uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlruns/mlflow.db``.
         experiment: MLflow experiment name.
         run_name: run name; default says model, latent size, beta and seed (``vae-z4-b1-s0``).
+        log_checkpoints: ``best`` logs the best checkpoint to the run; ``none`` keeps the record small (sweep trials).
     """
 
     uri: str | None = None
     experiment: str = "aevae"
     run_name: str | None = None
+    log_checkpoints: Literal["best", "none"] = "best"
 
 
 @dataclass
@@ -175,10 +177,12 @@ class TrainingResult:
 def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
     """The one Trainer factory: config's trainer options plus aevae's checkpointing and early stopping."""
     checkpoints = ModelCheckpoint(
-        monitor=MONITOR, mode="min", save_top_k=1, save_last=True, filename="best", enable_version_counter=False,
+        monitor=MONITOR, mode="min", save_top_k=1, filename="best", enable_version_counter=False,
         save_on_train_epoch_end=True,  # after the whole epoch, so a resume starts at a clean epoch boundary
     )  # fmt: skip
-    all_callbacks: list[Callback] = [checkpoints, RandomState(), distributed.RankAgreement(), *callbacks]
+    # Its own callback: Lightning's save_last writes last.ckpt only in epochs that improved the best one.
+    last = ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True)
+    all_callbacks: list[Callback] = [checkpoints, last, RandomState(), distributed.RankAgreement(), *callbacks]
     if config.trainer.get("enable_progress_bar") is not False:
         all_callbacks.append(StepLossBar())
     if config.fit.early_stopping_patience:
@@ -277,6 +281,7 @@ def run_training(
     if config.fit.resume:
         tracking.require_existing(tracking_uri, "fit.resume")
     tracking.open_store(tracking_uri)
+    tracking.experiment_id(MlflowClient(tracking_uri), config.tracking.experiment, tracking_uri)  # marked for the UI
     check_room_for_checkpoints(model, Path(config.fit.checkpoint_dir))
     resume = resume_point(config, model, tracking_uri)
     model.nonfinite_policy = config.fit.on_nonfinite
@@ -315,7 +320,7 @@ def run_training(
         if config.fit.test:
             trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
             metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
-        if client is not None and best:
+        if client is not None and best and config.tracking.log_checkpoints == "best":
             client.log_artifact(run_id, best, "checkpoints")
         latent = None
         if client is not None and latent_options.enabled:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import MutableMapping, NoReturn, Sequence
 
 import yaml
 
@@ -20,7 +20,7 @@ from aevae.errors import UsageError
 SNAPSHOT_TARGET = tracking.DEFAULT_STORE  # the folder that mlruns.dvc versions
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse whose mistakes are UsageErrors (one line, exit code 2)."""
 
     def error(self, message: str) -> NoReturn:
@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 def ui(args: Sequence[str]) -> int:
     """Serve the tracking record (runs, studies, artifacts) in MLflow's UI."""
-    parser = _Parser(prog="aevae ui", description=ui.__doc__)
+    parser = Parser(prog="aevae ui", description=ui.__doc__)
     parser.add_argument("--port", type=int, default=5000, help="TCP port (default 5000)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind; default loopback only")
     parser.add_argument("--tracking.uri", dest="uri", default=None, help="SQLite store; default ./mlruns/mlflow.db")
@@ -40,25 +40,44 @@ def ui(args: Sequence[str]) -> int:
         raise UsageError(f"tracking.uri: aevae ui serves a local SQLite store (sqlite:///.../mlflow.db), got {uri!r}")
     if not (store / tracking.DB_NAME).is_file():
         raise UsageError(f"{store / tracking.DB_NAME}: not found; train a model (aevae train) or fetch the record (dvc pull)")
-    loopback = _check_port(options.host, options.port)
+    loopback = check_port(options.host, options.port)
     tracking.open_store(uri)  # relocates a moved record; the server inherits the lock that blocks snapshots
-    print(f"aevae ui: serving {store} at {_url(options.host, options.port)} (Ctrl-C stops it)")
-    print("  MLflow opens on GenAI: pick 'Model training' (top left) once to list and compare runs")
+    print(f"aevae ui: serving {store} at {url_of(options.host, options.port)} (Ctrl-C stops it)")
+    print(f"  runs: {runs_page(url_of(options.host, options.port), uri)}")
     if loopback:
         print(f"  bound to {options.host}, loopback: only this machine can open it (--host 0.0.0.0 shares it)")
     else:
         print(f"  WARNING: bound to {options.host}: anyone who can reach port {options.port} can read, change and "
               "delete runs; MLflow has no authentication")  # fmt: skip
     sys.stdout.flush()
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no GenAI job runner processes
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # a local record: nothing leaves the machine
+    quiet_ui_environment(os.environ)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--artifacts-destination", str((store / tracking.ARTIFACTS_DIR).resolve()),
                "--host", options.host, "--port", str(options.port), "--workers", "1"]  # fmt: skip
     os.execv(sys.executable, command)  # the server replaces this process: Ctrl-C and kill reach it directly
 
 
-def _check_port(host: str, port: int) -> bool:
+def quiet_ui_environment(environ: MutableMapping[str, str]) -> None:
+    """MLflow's server as a researcher's UI: no telemetry, no remote assistant, no GenAI job runners, unless the
+    user set these variables themselves."""
+    environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # also turns the UI's telemetry off (its config says so)
+    environ.setdefault("DO_NOT_TRACK", "true")
+    environ.setdefault("MLFLOW_ENABLE_REMOTE_ASSISTANT", "false")  # the assistant answers loopback only, if set up
+    environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no GenAI job runner processes
+
+
+def runs_page(base_url: str, tracking_uri: str) -> str:
+    """The runs table of the experiment with the latest run, in MLflow's model-training view (not GenAI)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    latest = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+    page = f"experiments/{latest[0].info.experiment_id}/runs" if latest else "experiments"
+    return f"{base_url}#/{page}?workflowType=machine_learning"
+
+
+def check_port(host: str, port: int) -> bool:
     """Fail with one line unless ``host:port`` can be listened on; True if ``host`` is loopback."""
     if not 1 <= port <= 65535:
         raise UsageError(f"--port: must be between 1 and 65535, got {port}")
@@ -76,7 +95,7 @@ def _check_port(host: str, port: int) -> bool:
     return ipaddress.ip_address(address[0]).is_loopback
 
 
-def _url(host: str, port: int) -> str:
+def url_of(host: str, port: int) -> str:
     """The address to open in a browser (0.0.0.0 and :: listen everywhere, this machine included)."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     shown = f"[{shown}]" if ":" in shown else shown
@@ -85,7 +104,7 @@ def _url(host: str, port: int) -> str:
 
 def snapshot(args: Sequence[str]) -> int:
     """Record ./mlruns with DVC (dvc add) and push it to the default remote, if one is set."""
-    _Parser(prog="aevae snapshot", description=snapshot.__doc__).parse_args(args)
+    Parser(prog="aevae snapshot", description=snapshot.__doc__).parse_args(args)
     store = SNAPSHOT_TARGET
     if not Path(".dvc").is_dir():
         raise UsageError(".dvc: not found; run it at the root of the aevae checkout (a DVC project)")

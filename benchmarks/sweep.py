@@ -5,6 +5,8 @@ objective val/nelbo, TPE seed 0) runs in fresh stores without a pruner, with the
 Hyperband. Reported: wall time, trials completed/pruned, best objective. Then some completed trials of the
 unpruned study are trained again three ways, interleaved: untracked (Trainer without logger, no Optuna), as
 an MLflow run (run_training) and as a sweep trial (MLflow and Optuna): the differences are what tracking costs.
+With --server, the same trials are also trained as MLflow runs through a local `mlflow server` (SQLite backend,
+proxied artifacts, on 127.0.0.1), interleaved with the rest: tracking through a server against the local store.
 
 Torch is pinned to --threads threads (the machine is shared). Run: `python benchmarks/sweep.py`.
 """
@@ -14,11 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
+from urllib.request import urlopen
 
 import torch
 import yaml
@@ -84,16 +90,48 @@ def train_untracked(config: sweep.Sweep, params: dict) -> None:
     trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
 
 
-def overhead(config: sweep.Sweep, trials: list) -> dict[str, tuple[float, float]]:
+@contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """A plain `mlflow server` on a free loopback port over a SQLite store in folder; its URL once it answers."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+               "--serve-artifacts", "--artifacts-destination", str(folder / "server-artifacts"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def overhead(config: sweep.Sweep, trials: list, server: str | None = None) -> dict[str, tuple[float, float]]:
     """Median wall and CPU seconds of the same trials trained untracked, as an MLflow run, and as a sweep trial
     (MLflow and Optuna: storage, per-epoch reports, heartbeat, tags), interleaved so load hits all alike."""
     study = sweep.load_study(config)
     parent = study.user_attrs[sweep.PARENT_ATTR]
     times: dict[str, list[tuple[float, float]]] = {"untracked": [], "MLflow": [], "MLflow + Optuna": []}
+    if server:
+        times["MLflow via server"] = []
     for trial in trials:
         tracked = [*config.base_args, *sweep.cli_args(trial.params), "--tracking.uri", config.tracking_uri]
         times["untracked"].append(seconds(lambda: train_untracked(config, trial.params)))
         times["MLflow"].append(seconds(lambda: training.run_training(training.parse_config(tracked))))
+        if server:
+            remote = [*tracked, "--tracking.uri", server]  # the last --tracking.uri wins
+            times["MLflow via server"].append(seconds(lambda: training.run_training(training.parse_config(remote))))
         study.enqueue_trial(trial.params)
         objective = partial(sweep.objective, sweep=config, parent_run_id=parent)
         times["MLflow + Optuna"].append(seconds(lambda: study.optimize(objective, n_trials=1)))
@@ -106,6 +144,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--overhead-trials", type=int, default=5, help="completed trials trained again three ways")
+    parser.add_argument("--server", action="store_true", help="also train them as runs through a local MLflow server")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows, unpruned = [], None
@@ -124,7 +163,11 @@ def main() -> None:
         config, study, folder = unpruned
         os.chdir(folder)
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE][: args.overhead_trials]
-        medians = overhead(config, complete)
+        if args.server:
+            with mlflow_server(Path(tmp)) as url:
+                medians = overhead(config, complete, url)
+        else:
+            medians = overhead(config, complete)
     _, base_wall, base_cpu, _, _, base_best = rows[0]
     print(f"{args.trials} trials x {args.epochs} epochs, TPE seed 0, torch threads {args.threads}\n")
     print("| pruner | wall (s) | CPU (s) | completed | pruned | best val/nelbo | wall | CPU | best |")

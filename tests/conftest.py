@@ -1,21 +1,25 @@
-"""Shared fixtures: a temporary MLflow store, the read-only MNIST copy, and the CLI as users run it."""
+"""Shared fixtures: a temporary MLflow store, the UI server, and the CLI as users run it."""
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.request import urlopen
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = Path(os.environ.get("AEVAE_DATA_ROOT", REPO.parent / "shared" / "datasets"))
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -31,14 +35,6 @@ def no_inherited_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh SQLite MLflow store in the test's own folder."""
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-
-
-@pytest.fixture
-def mnist_root() -> Path:
-    """The real MNIST IDX files (read-only); the suite needs them, as CI has them."""
-    raw = SHARED_DATASETS / "MNIST" / "raw"
-    assert (raw / "train-images-idx3-ubyte.gz").is_file(), f"MNIST not found in {raw}; set AEVAE_DATA_ROOT"
-    return SHARED_DATASETS
 
 
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -138,3 +134,83 @@ def serve_ui(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
         except ProcessLookupError:
             pass
         server.wait()
+
+
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster the tests own: its URL, and stop/start to take it away for a while."""
+
+    url: str
+    command: list[str]
+    data: Path
+    log: Path
+    options: str
+
+    def stop(self) -> None:
+        subprocess.run([*self.command, "-D", self.data, "-m", "immediate", "stop"], capture_output=True)
+
+    def start(self) -> None:
+        subprocess.run(
+            [*self.command, "-D", self.data, "-l", self.log, "-o", self.options, "-w", "start"],
+            check=True,
+            capture_output=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL cluster on a free loopback port, run as the postgres OS user when we are root."""
+    pg_ctl = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    assert pg_ctl, "PostgreSQL is not installed: run `make system-deps`"
+    folder = Path(tempfile.mkdtemp(prefix="aevae-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(folder, "postgres")
+    port = free_port()
+    data, options = folder / "data", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*as_postgres, pg_ctl[-1].with_name("initdb"), "-D", data, "-U", "postgres", "-A", "trust", "-N"],
+        check=True,
+        capture_output=True,
+    )
+    server = Postgres(f"postgresql://postgres@127.0.0.1:{port}/postgres", [*as_postgres, str(pg_ctl[-1])], data,
+                      folder / "log", options)  # fmt: skip
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres: Postgres) -> str:
+    """A fresh database on the session's PostgreSQL cluster: each test its own record and studies."""
+    return new_database(postgres)
+
+
+def new_database(postgres: Postgres) -> str:
+    """The URL of a new, empty database on the cluster."""
+    import sqlalchemy
+
+    name = f"t{time.monotonic_ns()}"
+    engine = sqlalchemy.create_engine(postgres.url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return f"{postgres.url.rsplit('/', 1)[0]}/{name}"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An unsigned-byte IDX file, gzipped, as MNIST ships them."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def small_mnist(tmp_path: Path) -> Path:
+    """<tmp>/MNIST/raw with a 20-image train set and a 10-image test set, written by the test."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 20), ("t10k", 10)):
+        write_idx(raw / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return raw

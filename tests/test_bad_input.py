@@ -7,7 +7,9 @@ with no traceback, and with nothing written: no file, no MLflow run, no Optuna s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 import sqlite3
@@ -365,3 +367,16 @@ def test_random_config_mutations_build_or_fail_in_one_line(mutations: list[tuple
             AnalysisOptions(**parsed.analysis.as_dict())
         except UsageError as err:
             assert len(str(err).splitlines()) == 1, str(err)
+            refused_in_one_line_writing_nothing(path)
+
+
+def refused_in_one_line_writing_nothing(config: Path) -> None:
+    """`aevae train --config <config>`, run in an empty folder: exit 2, one line, the folder still empty."""
+    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            code = main(["train", "--config", str(config)])
+        lines = stderr.getvalue().strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("aevae train: error: "), stderr.getvalue()
+        assert list(Path(folder).iterdir()) == [], "written before the refusal"

@@ -18,7 +18,7 @@ def tiny(tracking_uri: str, out: Path, *extra: str) -> list[str]:
     return [
         "compare", "--config", str(REPO / "experiments" / "ae_vs_vae_demo.yaml"),
         "--model.init_args.hidden_dims", "[32]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-        "--analysis.sample_size", "300", "--compare.seeds", "[0, 1]", "--tracking.uri", tracking_uri,
+        "--analysis.sample_size", "300", "--analysis.umap", "false", "--compare.seeds", "[0, 1]", "--tracking.uri", tracking_uri,
         "--compare.output_dir", str(out), "--fit.checkpoint_dir", str(out / "checkpoints"), *extra,
     ]  # fmt: skip
 
@@ -53,6 +53,21 @@ def test_compare_records_parent_children_figure_and_table(tracking_uri: str, tmp
     assert rows["active_units"]["ae_mean"] == "" and rows["silhouette_pca"]["seeds"] == "2"
     assert parent.data.metrics["silhouette_pca/vae-ae_mean"] == pytest.approx(float(rows["silhouette_pca"]["vae-ae_mean"]))
     assert "| silhouette_pca |" in printed and f"figure: {tmp_path / 'out' / 'ae_vs_vae.png'}" in printed
+
+
+def test_compare_adds_ood_and_sample_quality_rows(tracking_uri: str, tmp_path: Path, capsys) -> None:
+    ood = "{against: fashion-mnist, k: 3, max_images: 100, bootstrap: 5}"
+    args = tiny(tracking_uri, tmp_path / "out", "--compare.seeds", "[0]", "--compare.ood", ood,
+                "--compare.samples", "{n: 100}")  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    client = MlflowClient(tracking_uri)
+    vae = [run for run in all_runs(client) if run.data.tags.get("model_kind") == "vae"][0]
+    for key in ("ood/fashion-mnist/iwae/auroc", "samples/prior/fd", "samples/gmm/precision"):
+        assert key in vae.data.metrics
+        assert f"| {key} |" in printed
+    assert "| ood/fashion-mnist/recon/auroc |" in printed  # both models have it
+    assert client.get_experiment_by_name("feature-nets") is not None  # the cached classifier
 
 
 def test_children_are_ordinary_reproducible_configs() -> None:
@@ -103,6 +118,9 @@ def test_paired_p_matches_a_hand_computed_t_test() -> None:
         (["--compare.seeds", "[]"], "compare.seeds"),
         (["--analysis.enabled", "false"], "analysis.enabled"),
         (["--model.init_args.latent_dim", "1"], "model.latent_dim"),
+        (["--compare.ood", "{against: cifar}"], "compare.ood: against: unknown source 'cifar'"),
+        (["--compare.ood", "{against: mnist-5k}"], "compare.ood: against: the run was trained on mnist-5k"),
+        (["--compare.samples", "{n: 1}"], "n: must be >= 4"),
     ],
 )
 def test_bad_compare_input_is_one_line_and_logs_nothing(extra, message, tracking_uri, tmp_path, capsys) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -103,6 +102,8 @@ def test_two_worker_sweep_while_best_reads_the_study(tmp_path: Path) -> None:
     reads.append(read_best(tmp_path))
     assert reads[-1][0] == 0 and "best trial:" in reads[-1][1]
     assert len(reads) >= 3  # it did read while the workers ran
+    unfinished = [out for code, out in reads[:-1] if code == 0 and f"({SWEEP['n_trials']} complete)" not in out]
+    assert unfinished, reads  # at least one read saw the study mid-sweep
 
     store = tmp_path / "mlruns"
     intact(store / "mlflow.db")

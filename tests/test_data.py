@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import lightning.pytorch as pl
 import torch
 
+from conftest import small_mnist
 from aevae.data import DEBIAN_FASHION_MNIST, ImageDataModule, read_idx
 from aevae.errors import UsageError
 
@@ -65,15 +65,29 @@ def test_binarize_fixes_eval_pixels_and_samples_training_batches() -> None:
     assert abs(first.mean().item() - grey.mean().item()) < 0.01
 
 
-def test_full_mnist_from_shared_folder(mnist_root: Path) -> None:
-    data = ImageDataModule(source="mnist", root=str(mnist_root), val_fraction=0.1)
+def test_written_idx_files_load_as_mnist(tmp_path: Path) -> None:
+    raw = small_mnist(tmp_path)
+    data = ImageDataModule(source="mnist", root=str(tmp_path), val_fraction=0.25)
+    data.setup()
+    assert {split: len(data.splits[split]) for split in ("train", "val", "test")} == {"train": 15, "val": 5, "test": 10}
+    expected = torch.from_numpy(read_idx(raw / "t10k-images-idx3-ubyte.gz").copy()).unsqueeze(1)  # uint8 in memory
+    assert torch.equal(data.splits["test"].images, expected)
+
+
+def test_full_size_idx_files_load_as_mnist(tmp_path: Path) -> None:
+    """The 60k/10k IDX files every fresh Debian set-up has (Fashion-MNIST), read by the MNIST loader."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for file in DEBIAN_FASHION_MNIST.glob("*.gz"):
+        (raw / file.name).symlink_to(file)
+    data = ImageDataModule(source="mnist", root=str(tmp_path), val_fraction=0.1)
     data.setup()
     assert {split: len(data.splits[split]) for split in ("train", "val", "test")} == {
         "train": 54000,
         "val": 6000,
         "test": 10000,
     }
-    assert data.splits["test"].labels[:5].tolist() == [7, 2, 1, 0, 4]  # the well-known first test digits
+    assert data.splits["test"].labels[:5].tolist() == [9, 2, 1, 1, 6]  # the well-known first test items
 
 
 def test_fashion_mnist_found_in_debian_folder(tmp_path: Path) -> None:
@@ -83,22 +97,16 @@ def test_fashion_mnist_found_in_debian_folder(tmp_path: Path) -> None:
     assert len(data.splits["test"]) == 10000 and len(data.splits["train"]) + len(data.splits["val"]) == 60000
 
 
-def _copy_mnist(mnist_root: Path, tmp_path: Path) -> Path:
-    raw = tmp_path / "MNIST" / "raw"
-    shutil.copytree(mnist_root / "MNIST" / "raw", raw)
-    return raw
-
-
-def test_truncated_file_is_one_clear_error(mnist_root: Path, tmp_path: Path) -> None:
-    raw = _copy_mnist(mnist_root, tmp_path)
+def test_truncated_file_is_one_clear_error(tmp_path: Path) -> None:
+    raw = small_mnist(tmp_path)
     content = gzip.decompress((raw / "t10k-labels-idx1-ubyte.gz").read_bytes())
-    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(content[:-100]))
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(content[:-3]))
     with pytest.raises(UsageError, match="t10k-labels-idx1-ubyte.gz is truncated or corrupt"):
         ImageDataModule(source="mnist", root=str(tmp_path)).setup()
 
 
-def test_corrupt_gzip_is_one_clear_error(mnist_root: Path, tmp_path: Path) -> None:
-    raw = _copy_mnist(mnist_root, tmp_path)
+def test_corrupt_gzip_is_one_clear_error(tmp_path: Path) -> None:
+    raw = small_mnist(tmp_path)
     (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not a gzip file at all")
     with pytest.raises(UsageError, match="train-images-idx3-ubyte.gz is unreadable"):
         ImageDataModule(source="mnist", root=str(tmp_path)).setup()
@@ -122,3 +130,24 @@ def test_read_idx_reads_plain_and_gzip(tmp_path: Path) -> None:
 def test_bad_arguments_name_the_field(kwargs: dict) -> None:
     with pytest.raises(UsageError, match="data\\."):
         ImageDataModule(**kwargs)
+
+
+def test_classes_keep_only_those_labels_in_every_split() -> None:
+    data = ImageDataModule(source="mnist-5k", classes=[3, 0, 8])
+    data.setup()
+    full = ImageDataModule(source="mnist-5k")
+    full.setup()
+    for split in ("train", "val", "test"):
+        assert set(data.splits[split].labels.tolist()) == {0, 3, 8}
+    test_labels = full.splits["test"].labels
+    kept = torch.isin(test_labels, torch.tensor([0, 3, 8]))
+    assert torch.equal(data.splits["test"].images, full.splits["test"].images[kept])  # same images, same order
+    assert len(data.splits["train"]) + len(data.splits["val"]) == int(
+        torch.isin(torch.cat([full.splits["train"].labels, full.splits["val"].labels]), torch.tensor([0, 3, 8])).sum()
+    )
+
+
+@pytest.mark.parametrize("classes", [[], [10], [-1], [1, 1], [True]])
+def test_bad_classes_name_the_field(classes: list) -> None:
+    with pytest.raises(UsageError, match="data\\.classes"):
+        ImageDataModule(source="mnist-5k", classes=classes)

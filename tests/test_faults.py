@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -143,25 +142,40 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
         load_weights(other, path)
 
 
-SAVE_BIG = """
-import sys, torch
+SAVE_AND_STALL = """
+import sys, time, torch
 from aevae.checkpoints import AtomicCheckpointIO
-print("saving", flush=True)
-AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(100_000_000)}}, sys.argv[1])
+
+class Stalling:  # once 4 KiB are written it says so and blocks: the kill lands inside torch.save
+    def __init__(self, file):
+        self.file, self.written = file, 0
+    def write(self, data):
+        count = self.file.write(data)
+        self.written += count
+        if self.written > 4096:
+            self.file.flush()
+            print("stalled", flush=True)
+            time.sleep(600)
+        return count
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+real_save = torch.save
+torch.save = lambda obj, f, *args, **kwargs: real_save(obj, Stalling(f), *args, **kwargs)
+AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(100_000)}}, sys.argv[1])
 """
 
 
 def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
-    saver = subprocess.Popen([sys.executable, "-c", SAVE_BIG, str(path)], stdout=subprocess.PIPE, text=True, env=cli_env())
-    assert saver.stdout.readline().strip() == "saving"
-    time.sleep(0.4)  # 400 MB of tensor: the write is under way
+    saver = subprocess.Popen([sys.executable, "-c", SAVE_AND_STALL, str(path)], stdout=subprocess.PIPE, text=True, env=cli_env())
+    assert saver.stdout.readline().strip() == "stalled"  # the new checkpoint is half written
     saver.send_signal(signal.SIGKILL)
     saver.wait()
-    state = read_checkpoint(path)["state_dict"]["w"]  # complete: old or new, never half
-    assert state.numel() in (3, 100_000_000)
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".ckpt")] == ["last.ckpt"]
+    (partial,) = [p for p in tmp_path.iterdir() if p.name != "last.ckpt"]  # the half-written new one, beside it
+    assert partial.name.endswith(".partial") and partial.stat().st_size > 4096
+    assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.zeros(3))  # the previous one, whole
 
 
 def test_unwritable_or_full_folders_fail_before_any_run(tmp_path: Path) -> None:

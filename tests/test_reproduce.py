@@ -12,6 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from aevae.cli import main
+from aevae.data import ImageDataModule
 from aevae.distributed import scale_batch, world_size
 from aevae.errors import UsageError
 from aevae.models import VAE
@@ -37,7 +38,7 @@ def runs(tracking_uri: str) -> list:
 
 
 def test_ddp_on_two_cpu_processes(tmp_path: Path, tracking_uri: str) -> None:
-    source_id = train_source(tracking_uri, tmp_path)
+    source_id = train_source(tracking_uri, tmp_path, "--model.sample_latent", "false")  # val/loss deterministic
     result = run_aevae(
         "reproduce", "--run-id", source_id, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
         "--tracking-uri", tracking_uri, cwd=tmp_path, timeout=600,
@@ -49,6 +50,7 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path, tracking_uri: str) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.tags["source_run_id"] == source_id and run.data.tags["reproduction_verdict"]
     metrics = run.data.metrics
+    assert run.data.tags["reproduction_verdict"] == "reproduced"
     assert metrics["ddp/world_size"] == 2.0
     assert metrics["ddp/val_loss_rank_spread"] == 0.0  # validation metrics synchronised
     assert metrics["ddp/weight_max_abs_diff"] == 0.0  # same weights on both ranks after training
@@ -65,6 +67,17 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path, tracking_uri: str) -> None:
     images = torch.rand(16, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(champion.encode(images), from_checkpoint.encode(images), atol=1e-6)
+
+    # The best checkpoint, evaluated in this one process over the whole validation split (400 images: two
+    # ranks of 200, each 64 + 64 + 64 + 8), gives the val/loss the two processes logged for it.
+    from test_numbers import epoch_means
+
+    data = ImageDataModule(source="mnist-5k")
+    data.setup()
+    best_epoch = min(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.value).step
+    for name, value in epoch_means(from_checkpoint, data.splits["val"].images).items():
+        (logged,) = [m.value for m in client.get_metric_history(run.info.run_id, f"val/{name}") if m.step == best_epoch]
+        assert logged == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 def test_one_device_reproduction_is_exact(tmp_path: Path, tracking_uri: str, capsys) -> None:
@@ -113,6 +126,24 @@ def test_not_reproduced_exits_1_is_registered_but_never_champion(tmp_path: Path,
     assert str(client.get_model_version_by_alias("aevae-vae", "champion").version) == "2"
 
 
+def test_champion_is_the_best_reproduced_model_in_any_order(tmp_path: Path, tracking_uri: str) -> None:
+    """Worse model first (it is the champion), then a better one (the alias moves), then worse again (it stays)."""
+    worse = train_source(tracking_uri, tmp_path, "--analysis.enabled", "false", "--trainer.max_epochs", "1")
+    better = train_source(tracking_uri, tmp_path, "--analysis.enabled", "false", "--trainer.limit_train_batches", "20")
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(better).data.metrics["val/loss"] < client.get_run(worse).data.metrics["val/loss"] - 5
+
+    def champion_source() -> str:
+        champion = client.get_model_version_by_alias("aevae-vae", "champion")
+        return client.get_run(champion.run_id).data.tags["source_run_id"]
+
+    base = ["--tracking-uri", tracking_uri]
+    for source, expected in ((worse, worse), (better, better), (worse, better)):
+        assert main(["reproduce", "--run-id", source, *base]) == 0
+        assert champion_source() == expected
+    assert len(client.search_model_versions("name='aevae-vae'")) == 3
+
+
 def test_batch_rule() -> None:
     assert scale_batch(128, 1e-3, 1, 8, scale_lr=False) == (16, 1e-3)
     assert scale_batch(128, 1e-3, 1, 8, scale_lr=True) == (128, 8e-3)
@@ -140,7 +171,7 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path: Path, tracking_uri:
     client = MlflowClient(tracking_uri)
     bare = client.create_run(client.get_run(source_id).info.experiment_id).info.run_id
     client.set_terminated(bare)
-    assert "has no config.yaml or checkpoints/best.ckpt" in _fails(capsys, "--run-id", bare, *uri)
+    assert "has no config.yaml artifact" in _fails(capsys, "--run-id", bare, *uri)
     client.create_registered_model("ae-models", tags={"model_kind": "ae"})
     assert "holds ae models, not vae" in _fails(capsys, "--run-id", source_id, "--register-as", "ae-models", *uri)
     assert len(runs(tracking_uri)) == 2  # the source and the bare run: nothing new

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import optuna
@@ -24,7 +20,7 @@ from aevae import cli, sweep
 from aevae.sweep import grid_map as sweep_map
 from aevae.sweep import placement
 from aevae.errors import UsageError
-from conftest import REPO, cli_env, run_aevae
+from conftest import REPO, cli_env, run_aevae, small_mnist
 
 # A sweep that trains in about a second a trial: 5k embedded digits, one hidden layer, a few batches.
 TINY: dict[str, Any] = {
@@ -88,35 +84,6 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on a free loopback port, run as the postgres OS user when we are root."""
-    pg_ctl = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-    if not pg_ctl:
-        pytest.skip("PostgreSQL is not installed: run `make system-deps`")
-    folder = Path(tempfile.mkdtemp(prefix="aevae-pg-"))
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_postgres:
-        shutil.chown(folder, "postgres")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    data, options = folder / "data", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        [*as_postgres, pg_ctl[-1].with_name("initdb"), "-D", data, "-U", "postgres", "-A", "trust", "-N"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [*as_postgres, pg_ctl[-1], "-D", data, "-l", folder / "log", "-o", options, "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    subprocess.run([*as_postgres, pg_ctl[-1], "-D", data, "-m", "immediate", "stop"], capture_output=True)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 BAD_CONFIGS = [
     ({"space": {"model.latnt_dim": {"low": 2, "high": 8}}}, "space.model.latnt_dim: no such key"),
     ({"space": {"model.latent_dim": {"low": 4, "high": 4}}}, "empty range"),
@@ -143,7 +110,9 @@ def test_bad_sweep_config_is_one_line_and_creates_nothing(in_tmp: Path, capsys, 
     assert not (in_tmp / "mlruns" / sweep.STORE_FILE).exists() and not (in_tmp / "mlruns" / "mlflow.db").exists()
 
 
-def test_shipped_sweeps_are_valid() -> None:
+def test_shipped_sweeps_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small_mnist(tmp_path)  # the sweeps check their data: MNIST-format files written here, no copy needed
+    monkeypatch.setenv("AEVAE_DATA_ROOT", str(tmp_path))
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
         assert sweep.load_sweep(str(path)).study == path.stem
     assert {"vae_latent_beta", "ae_latent"} <= {path.stem for path in (REPO / "sweeps").glob("*.yaml")}

@@ -104,7 +104,18 @@ def requeue(study: optuna.Study, trial: FrozenTrial, tracking_uri: str, reason: 
     """A trial whose worker stopped (SIGKILL: found by its stale heartbeat; Ctrl-C/SIGTERM: at once) is queued
     again with the same params, up to MAX_RETRY times; its MLflow run, left RUNNING by a dead worker, is KILLED."""
     RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
-    end_trial_run(tracking_uri, trial.user_attrs.get(RUN_ID_ATTR), "FAIL", reason, status="KILLED")
+    run_id = trial.user_attrs.get(RUN_ID_ATTR) or running_run_of(tracking_uri, study.study_name, trial.number)
+    end_trial_run(tracking_uri, run_id, "FAIL", reason, status="KILLED")
+
+
+def running_run_of(tracking_uri: str, study: str, number: int) -> str | None:
+    """The RUNNING run of a trial whose worker died before training started (its run id not yet in the study)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    query = f"tags.`optuna.study` = '{study}' and tags.`optuna.trial` = '{number}' and attributes.status = 'RUNNING'"
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], query, max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def load_study(sweep: Sweep) -> optuna.Study:

@@ -1,0 +1,253 @@
+"""The figures aevae reports, against ground truth: IWAE vs exact log p(x), epoch metrics and scores by hand."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch import Tensor, nn
+
+from aevae.analysis import Codes, kl_scores, probe_scores
+from aevae.checkpoints import read_checkpoint
+from aevae.compare import mean_std, paired_p, score_table
+from aevae.data import ImageDataModule, InMemoryImages
+from aevae.models import VAE, gaussian_kl_per_dim, reconstruction_nll
+from aevae.training import parse_config, run_training
+from conftest import REPO
+
+DEMO = str(REPO / "experiments" / "vae_demo.yaml")
+GRID = torch.linspace(-12.0, 12.0, 48_001, dtype=torch.float64)  # z for the quadrature, step 5e-4
+
+
+class FixedPosterior(nn.Module):
+    """An encoder that proposes the same q(z|x) = N(mean, exp(logvar)) for every image."""
+
+    def __init__(self, mean: float, logvar: float) -> None:
+        super().__init__()
+        self.register_buffer("params", torch.tensor([[mean, logvar]]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.params.expand(len(x), 2)
+
+
+def one_dimensional_model() -> tuple[VAE, Tensor, Tensor]:
+    """A latent_dim-1 VAE, an image drawn from its decoder, and log p(x|z) on GRID (float64)."""
+    torch.manual_seed(3)
+    vae = VAE(latent_dim=1, hidden_dims=[4]).eval()
+    with torch.no_grad():
+        vae.decoder[-2].weight.mul_(0.3)  # a posterior a few tenths wide: the grid resolves it finely
+        x = torch.bernoulli(torch.sigmoid(vae.decode(torch.tensor([[0.7]]))))
+        log_px_z = -reconstruction_nll(vae.decode(GRID.float()[:, None]), x.expand(len(GRID), -1, -1, -1), "bernoulli")
+    return vae, x, log_px_z.double()
+
+
+def exact_log_px(log_px_z: Tensor) -> float:
+    """log p(x) = log of the integral of p(x|z) N(z; 0, 1) dz, by the trapezoid-free Riemann sum on GRID."""
+    log_prior = -0.5 * (GRID**2 + math.log(2 * math.pi))
+    step = float(GRID[1] - GRID[0])
+    return float(torch.logsumexp(log_px_z + log_prior, 0)) + math.log(step)
+
+
+def posterior_moments(log_px_z: Tensor) -> tuple[float, float]:
+    log_joint = log_px_z - 0.5 * GRID**2
+    weights = torch.softmax(log_joint, 0)
+    mean = float((weights * GRID).sum())
+    return mean, float((weights * (GRID - mean) ** 2).sum())
+
+
+def test_iwae_converges_to_exact_log_likelihood_and_k1_is_the_elbo() -> None:
+    vae, x, log_px_z = one_dimensional_model()
+    truth = -exact_log_px(log_px_z)  # -log p(x), nats
+    mean, var = posterior_moments(log_px_z)
+    q_mean, q_logvar = mean + 0.8 * math.sqrt(var), math.log(2.0 * var)  # a proposal off the true posterior
+    vae.encoder = FixedPosterior(q_mean, q_logvar)
+
+    # ELBO by quadrature: E_q[log p(x|z)] - KL(q || prior).
+    q = torch.distributions.Normal(q_mean, math.exp(0.5 * q_logvar))
+    q_density = q.log_prob(GRID).exp() * float(GRID[1] - GRID[0])
+    kl = float(gaussian_kl_per_dim(torch.tensor(q_mean), torch.tensor(q_logvar)))
+    exact_nelbo = -float((q_density * log_px_z).sum()) + kl
+    assert exact_nelbo > truth + 0.2  # the proposal leaves a gap for k to close
+
+    torch.manual_seed(0)
+    n = 20_000
+    singles = vae.importance_sampled_nll(x.expand(n, -1, -1, -1), k=1, chunk=1).double()
+    standard_error = float(singles.std()) / math.sqrt(n)
+    assert float(singles.mean()) == pytest.approx(exact_nelbo, abs=4 * standard_error)
+    out = vae(x.expand(n, -1, -1, -1))  # the training loss's pieces on the same image: recon + KL
+    terms = vae.loss_terms(x.expand(n, -1, -1, -1), out)
+    assert float(terms.reconstruction + terms.kl) == pytest.approx(exact_nelbo, abs=4 * standard_error)
+
+    estimates = {k: float(vae.importance_sampled_nll(x.expand(200, -1, -1, -1), k=k, chunk=100).mean()) for k in (2, 10, 100)}
+    assert exact_nelbo > estimates[2] > estimates[10] > estimates[100] > truth - 0.05  # tightens with k, a bound
+    large_k = float(vae.importance_sampled_nll(x, k=20_000, chunk=5_000))
+    assert large_k == pytest.approx(truth, abs=0.1)
+
+
+def epoch_means(model: VAE, images: Tensor, batch_size: int = 128) -> dict[str, float]:
+    """Per-image means over a split, by hand, in float64: what each `<split>/...` metric must be."""
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size]
+            out = model(x)
+            recon = reconstruction_nll(out.recon_logits, x, "bernoulli").double()
+            kl_dims = gaussian_kl_per_dim(out.mean, out.logvar).double()
+            per_image = {"recon": recon, "kl": kl_dims.sum(1), "loss": recon + kl_dims.sum(1)}
+            per_image.update({f"kl_dim_{i}": kl_dims[:, i] for i in range(kl_dims.shape[1])})
+            for name, values in per_image.items():
+                sums[name] = sums.get(name, 0.0) + float(values.sum())
+    means = {name: total / len(images) for name, total in sums.items()}
+    means["nelbo"] = means["recon"] + means["kl"]
+    means["active_units"] = float(sum(means[f"kl_dim_{i}"] > 0.01 for i in range(model.latent_dim)))
+    return means
+
+
+def weights_of(checkpoint: str | Path) -> VAE:
+    """The test's model (latent 4, hidden [16]) with a checkpoint's weights, in evaluation mode."""
+    model = VAE(latent_dim=4, hidden_dims=[16], sample_latent=False)
+    model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
+    return model.eval()
+
+
+class ScrambleLastEpoch(pl.Callback):
+    """Spoils the weights as the last epoch starts, so the best checkpoint is the first epoch's, not the last."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            with torch.no_grad():
+                module.decoder[-2].bias.add_(6.0)  # every pixel's logit +6: far worse reconstructions
+
+
+class RecordTrainLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, list[tuple[float, int]]] = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.by_epoch.setdefault(trainer.current_epoch, []).append((float(outputs["loss"]), len(batch[0])))
+
+
+def test_logged_epoch_metrics_recomputed_by_hand(tmp_path: Path, tracking_uri: str) -> None:
+    """400 val images in batches of 128 (a last batch of 16); test/ from the best checkpoint, not the last."""
+    record = RecordTrainLosses()
+    config = parse_config(
+        [
+            "--config", DEMO, "--model.hidden_dims", "[16]", "--model.sample_latent", "false",
+            "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--analysis.enabled", "false",
+            "--tracking.uri", tracking_uri, "--fit.checkpoint_dir", str(tmp_path / "ckpt"),
+        ]  # fmt: skip
+    )
+    result = run_training(config, callbacks=[record, ScrambleLastEpoch()])
+    client = MlflowClient(tracking_uri)
+    logged = client.get_run(result.run_id).data.metrics
+    history = {m.step: m.value for m in client.get_metric_history(result.run_id, "val/loss")}
+    assert len(history) == 2 and history[1] > history[0] + 50  # the scrambled last epoch is the worse one
+
+    for epoch, losses in record.by_epoch.items():  # 3600 training images: 28 batches of 128 and one of 16
+        assert [n for _, n in losses] == [128] * 28 + [16]
+        by_hand = sum(loss * n for loss, n in losses) / 3600
+        (value,) = [m.value for m in client.get_metric_history(result.run_id, "train/loss") if m.step == epoch]
+        assert value == pytest.approx(by_hand, rel=1e-6)
+
+    data = result.datamodule
+    best = weights_of(result.best_checkpoint)
+    last = weights_of(Path(result.best_checkpoint).with_name("last.ckpt"))  # result.model holds the best weights
+    assert epoch_means(best, data.splits["val"].images)["loss"] == pytest.approx(history[0], rel=1e-5)
+    val_last = epoch_means(last, data.splits["val"].images)
+    test_best = epoch_means(best, data.splits["test"].images)
+    for name, value in val_last.items():
+        assert logged[f"val/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    for name, value in test_best.items():
+        assert logged[f"test/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert epoch_means(last, data.splits["test"].images)["loss"] > test_best["loss"] + 50
+
+
+def test_binarization_draws_fresh_pixels_for_every_training_batch() -> None:
+    def training_batches(seed: int) -> list[Tensor]:
+        seen: list[Tensor] = []
+
+        class Recording(VAE):
+            def training_step(self, batch, batch_idx):
+                seen.append(batch[0].clone())
+                return super().training_step(batch, batch_idx)
+
+        pl.seed_everything(seed, verbose=False)
+        data = ImageDataModule(source="mnist-5k", batch_size=8, binarize=True)
+        data.splits = {  # eight grey images (every pixel 0.3) in each split: a batch holds all of them
+            split: InMemoryImages(torch.full((8, 1, 28, 28), 0.3), torch.zeros(8, dtype=torch.long))
+            for split in ("train", "val", "test")
+        }
+        trainer = pl.Trainer(
+            max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(Recording(latent_dim=2, hidden_dims=[8]), datamodule=data)
+        return seen
+
+    first, second = training_batches(seed=0)
+    for batch in (first, second):
+        assert set(batch.unique().tolist()) == {0.0, 1.0}
+        assert float(batch.mean()) == pytest.approx(0.3, abs=0.03)  # Bernoulli(0.3) draws, not a threshold
+    assert not torch.equal(first, second)  # fresh draws for each batch
+    again = training_batches(seed=0)
+    assert torch.equal(again[0], first) and torch.equal(again[1], second)  # same seed, same draws
+    assert not torch.equal(training_batches(seed=1)[0], first)
+
+
+def test_kl_scores_and_active_units_by_hand() -> None:
+    mean = np.array([[1.0, 0.0, 0.05], [-1.0, 0.0, -0.05]], dtype=np.float32)
+    logvar = np.array([[0.0, 0.0, 0.0], [math.log(4.0), 0.0, 0.0]], dtype=np.float32)
+    scores = kl_scores(Codes(z=mean, labels=np.zeros(2, dtype=np.int64), logvar=logvar, mean=mean))
+    # KL of N(m, s2) from N(0, 1) = (m2 + s2 - 1 - log s2) / 2; dimension 0: (1 + 0) / 2 and (1 + 3 - log 4) / 2
+    assert scores["kl_dim_0"] == pytest.approx((0.5 + (4.0 - math.log(4.0)) / 2) / 2, rel=1e-6)
+    assert scores["kl_dim_1"] == 0.0
+    assert scores["kl_dim_2"] == pytest.approx(0.05**2 / 2, rel=1e-4)  # 0.00125 nats: below the 0.01 threshold
+    assert scores["active_units"] == 1.0
+
+
+def test_probe_scores_read_digit_identity_from_the_codes() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    centres = 10.0 * np.eye(4, dtype=np.float32)
+    z = centres[labels] + rng.normal(size=(120, 4)).astype(np.float32)
+    train, test = Codes(z=z[::2], labels=labels[::2]), Codes(z=z[1::2], labels=labels[1::2])
+    assert probe_scores(train, test) == {"knn_acc": 1.0, "probe_acc": 1.0}
+    test_flipped = Codes(z=test.z, labels=(test.labels + 1) % 4)  # every label wrong
+    assert probe_scores(train, test_flipped) == {"knn_acc": 0.0, "probe_acc": 0.0}
+
+
+def test_score_table_means_stds_and_paired_differences_by_hand() -> None:
+    scores = {
+        "ae": {0: {"knn_acc": 0.80}, 1: {"knn_acc": 0.90}, 2: {"knn_acc": 0.70}},
+        "vae": {0: {"knn_acc": 0.85}, 1: {"knn_acc": 0.90}, 2: {"knn_acc": 0.80}},
+    }
+    (row,) = score_table(scores)
+    assert row["score"] == "knn_acc" and row["seeds"] == 3
+    assert row["ae_mean"] == pytest.approx(0.8) and row["ae_std"] == pytest.approx(0.1)  # sample std (n - 1)
+    assert row["vae_mean"] == pytest.approx(0.85) and row["vae_std"] == pytest.approx(0.05)
+    differences = [0.05, 0.0, 0.10]
+    assert row["vae-ae_mean"] == pytest.approx(0.05) and row["vae-ae_std"] == pytest.approx(0.05)
+    t = 0.05 / (0.05 / math.sqrt(3))  # paired t with 2 degrees of freedom: p = 1 - t / sqrt(t^2 + 2)
+    assert row["vae-ae_p"] == pytest.approx(1 - t / math.sqrt(t**2 + 2), rel=1e-9)
+    assert mean_std([3.0]) == (3.0, 0.0)
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))  # two seeds have a spread
+    assert paired_p(differences[:1]) is None and paired_p([0.0, 0.0]) == 1.0 and paired_p([0.2, 0.2]) == 0.0
+
+
+def test_score_table_leaves_a_score_one_variant_lacks_unpaired() -> None:
+    """AEs have no active_units: the VAE's mean is reported, no difference and no p-value are made up."""
+    scores = {
+        "ae": {0: {"knn_acc": 0.8}, 1: {"knn_acc": 0.9}},
+        "vae": {0: {"knn_acc": 0.8, "active_units": 3.0}, 1: {"knn_acc": 0.9, "active_units": 5.0}},
+    }
+    rows = {row["score"]: row for row in score_table(scores)}
+    units = rows["active_units"]
+    assert units["ae_mean"] is None and units["vae_mean"] == 4.0
+    assert units["vae-ae_mean"] is None and units["vae-ae_std"] is None and units["vae-ae_p"] is None
+    assert rows["knn_acc"]["vae-ae_mean"] == 0.0 and rows["knn_acc"]["vae-ae_p"] == 1.0

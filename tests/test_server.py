@@ -1,0 +1,180 @@
+"""`aevae server`: a real MLflow server on PostgreSQL with basic auth; sweeps, reproduce and logins through it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.request import urlopen
+
+import pytest
+import yaml
+from conftest import REPO, cli_env, free_port, new_database, run_aevae
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+ADMIN, PASSWORD = "admin", "s3cr3t-Pa55word-for-tests"
+LOGIN = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+TINY_SWEEP: dict[str, Any] = {
+    "experiment": str(REPO / "experiments" / "vae_demo.yaml"),
+    "overrides": {"model.hidden_dims": [32], "trainer.max_epochs": 1, "trainer.limit_train_batches": 4,
+                  "trainer.limit_val_batches": 2, "trainer.enable_progress_bar": False,
+                  "trainer.enable_model_summary": False, "analysis.enabled": False},  # fmt: skip
+    "space": {"model.latent_dim": {"low": 2, "high": 8, "log": True}},
+    "objectives": [{"metric": "val/nelbo", "direction": "minimize"}],
+    "n_trials": 2,
+    "heartbeat_interval": 1,
+    "grace_period": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def server(postgres, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """`aevae server` on PostgreSQL with basic auth on loopback; its URL, database and artifact folder."""
+    folder = tmp_path_factory.mktemp("server")
+    database, port = new_database(postgres), free_port()
+    args = ["server", "--backend-store-uri", database, "--artifacts-destination", str(folder / "artifacts"),
+            "--port", str(port), "--workers", "1", "--auth"]  # fmt: skip
+    log = folder / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "aevae", *args], cwd=folder, env=cli_env(LOGIN),
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        try:
+            urlopen(f"{url}/health", timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    yield {"url": url, "database": database, "artifacts": str(folder / "artifacts"), "log": str(log)}
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture
+def admin(server, monkeypatch) -> MlflowClient:
+    """An MlflowClient over HTTP, logged in as the admin."""
+    for key, value in LOGIN.items():
+        monkeypatch.setenv(key, value)
+    return MlflowClient(server["url"])
+
+
+def test_a_two_worker_sweep_and_a_reproduction_land_on_the_server(server, admin, postgres_url, tmp_path) -> None:
+    config = {**TINY_SWEEP, "overrides": {**TINY_SWEEP["overrides"], "tracking.uri": server["url"]}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    swept = run_aevae("sweep", "--config", "tiny.yaml", "--workers", "2", "--storage", postgres_url,
+                      cwd=tmp_path, env=LOGIN, timeout=400)  # fmt: skip
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    experiment = admin.get_experiment_by_name("demo")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = admin.search_runs([experiment.experiment_id])
+    trials = [run for run in runs if "optuna.trial" in run.data.tags]
+    assert sorted(run.data.tags["optuna.trial"] for run in trials) == ["0", "1"]
+    assert len({run.data.tags["optuna.worker"] for run in trials}) == 2
+    assert [run.info.status for run in runs] == ["FINISHED"] * 3  # the parent and both trials; none RUNNING
+    for run in trials:
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: written by the server
+        assert [a.path for a in admin.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
+        assert (Path(server["artifacts"]) / experiment.experiment_id / run.info.run_id / "artifacts" / "config.yaml").is_file()
+        logged = [*run.data.params.values(), *run.data.tags.values()]
+        assert not [value for value in logged if PASSWORD in value]
+
+    reproduced = run_aevae("reproduce", "--study", "tiny", "--storage", postgres_url, "--tracking-uri", server["url"],
+                           "--register-as", "tiny-vae", cwd=tmp_path, env=LOGIN, timeout=300)  # fmt: skip
+    assert reproduced.returncode == 0, reproduced.stderr[-3000:]
+    (version,) = admin.search_model_versions("name = 'tiny-vae'")
+    run = admin.get_run(version.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["reproduction"] == "true"
+    assert "reproduction/comparison.json" in {a.path for a in admin.list_artifacts(run.info.run_id, "reproduction")}
+    assert PASSWORD not in swept.stdout + swept.stderr + reproduced.stdout + reproduced.stderr
+
+
+def test_the_server_refuses_a_client_without_login(server, monkeypatch) -> None:
+    for key in LOGIN:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.mlflow/credentials either
+    with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+        MlflowClient(server["url"]).search_experiments()
+
+
+@pytest.mark.parametrize(("login", "message"), [
+    ({**LOGIN, "MLFLOW_TRACKING_PASSWORD": "wrong"}, "refused the login (user 'admin': wrong username or password"),
+    ({"MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": ""}, "refused the login (it needs a login"),
+])  # fmt: skip
+def test_a_wrong_login_is_one_line_before_any_run(server, admin, tmp_path, login, message) -> None:
+    runs_before = len(admin.search_runs([e.experiment_id for e in admin.search_experiments()]))
+    trained = run_aevae("train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), "--tracking.uri",
+                        server["url"], cwd=tmp_path, env={**login, "HOME": str(tmp_path)}, timeout=120)  # fmt: skip
+    assert trained.returncode == 2
+    assert trained.stderr.count("\n") == 1 and message in trained.stderr, trained.stderr
+    assert "wrong" not in trained.stderr.replace("wrong username", "")  # the password is not echoed
+    assert len(admin.search_runs([e.experiment_id for e in admin.search_experiments()])) == runs_before
+
+
+def credentials_file(folder: Path, mode: int) -> Path:
+    path = folder / "credentials"
+    path.write_text(f"[mlflow]\nmlflow_tracking_username = {ADMIN}\nmlflow_tracking_password = {PASSWORD}\n")
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--host", "0.0.0.0"], "--credentials: basic auth needs an admin login"),  # beyond loopback: auth is on
+    (["--auth", "--credentials", "{group_readable}"], "readable by other users; run chmod 600"),
+    (["--auth", "--credentials", "{missing}"], "--credentials: no file"),
+    (["--backend-store-uri", "{postgres}"], "--artifacts-destination: required with a database server"),
+    (["--backend-store-uri", "postgresql://ann:pw@127.0.0.1:1/none", "--artifacts-destination", "a"],
+     "tracking.uri: cannot reach postgresql://ann:***@127.0.0.1:1/none"),
+    (["--backend-store-uri", "http://127.0.0.1:5000"], "--backend-store-uri: a database"),
+])  # fmt: skip
+def test_server_bad_input_is_one_line_and_starts_nothing(args, message, postgres_url, tmp_path, monkeypatch, capsys):
+    from aevae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for key in LOGIN:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    values = {"group_readable": str(credentials_file(tmp_path, 0o640)), "missing": str(tmp_path / "none"),
+              "postgres": postgres_url}  # fmt: skip
+    args = [arg.format(**values) for arg in args]
+    assert main(["server", "--port", str(free_port()), *args]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1, error
+    assert PASSWORD not in error and not (tmp_path / "mlruns").exists()
+
+
+def test_a_sigkilled_workers_run_is_closed_on_the_server(server, admin, postgres_url, tmp_path):
+    overrides = {**TINY_SWEEP["overrides"], "tracking.uri": server["url"], "trainer.max_epochs": 3,
+                 "trainer.limit_train_batches": 8, "tracking.log_checkpoints": "none", "tracking.experiment": "killed"}  # fmt: skip
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump({**TINY_SWEEP, "overrides": overrides}))
+    command = [sys.executable, "-m", "aevae", "sweep", "--config", "killed.yaml", "--workers", "2", "--storage", postgres_url]
+    log = (tmp_path / "sweep.log").open("w")
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=cli_env(LOGIN), stdout=log, stderr=subprocess.STDOUT)
+    experiment, killed, deadline = None, None, time.monotonic() + 300
+    while killed is None and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        experiment = experiment or admin.get_experiment_by_name("killed")
+        running = [run for run in admin.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+                   if "optuna.trial" in run.data.tags] if experiment else []  # fmt: skip
+        if running:
+            killed = running[0]
+            os.kill(int(killed.data.tags["optuna.worker"].rsplit(":", 1)[1]), signal.SIGKILL)  # its run just begun
+    assert killed is not None, (tmp_path / "sweep.log").read_text()[-3000:]
+    assert sweep.wait(timeout=300) == 1  # the sweep says a worker failed; the other finished the study
+    assert "1 of 2 workers failed" in (tmp_path / "sweep.log").read_text()
+    closed = admin.get_run(killed.info.run_id)
+    assert closed.info.status == "KILLED" and "no heartbeat" in closed.data.tags["failure_reason"]
+    trials = [run for run in admin.search_runs([experiment.experiment_id]) if "optuna.trial" in run.data.tags]
+    assert len([run for run in trials if run.info.status == "FINISHED"]) >= 2  # the study's two trials, done
+    assert not admin.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
