@@ -22,19 +22,20 @@ import torch
 from jsonargparse.typing import PositiveInt
 
 from aevae import checkpoints
-from aevae.data import ImageDataModule
+from aevae.data import ImageDataModule, to_float
 from aevae.errors import UsageError
 from aevae.models import ACTIVE_UNIT_KL, LatentAutoencoder, gaussian_kl_per_dim
+from aevae.pictures import (  # noqa: F401 (scatter, digit_handles, projection_title: compare's pictures too)
+    GRID_TITLES, digit_handles, evaluating, has_classes, image_grid, picture_grids, projection_title, scatter,
+)  # fmt: skip
 
 ARTIFACT_DIR = "latent"
 PROJECTIONS = ("pca", "umap")
-AXIS_NAMES = {"pca": "PC", "umap": "UMAP"}
 KNN_NEIGHBOURS = 5
 UMAP_NEIGHBOURS = 15
 UMAP_EPOCHS = 200
-TRAVERSAL_MAX_DIM = 4
-TRAVERSAL_RANGE = 3.0  # prior standard deviations either side of 0
-Labelled = tuple[torch.Tensor, np.ndarray]  # images [N, 1, 28, 28], labels [N]
+Labelled = tuple[torch.Tensor, np.ndarray]  # images uint8 [N, C, H, W], labels [N] (-1: unlabelled)
+NO_LABELS = "the data have no class labels (label -1): silhouettes and probes need them"
 
 
 @dataclass
@@ -82,8 +83,9 @@ class Analysis:
     train: Codes
     projections: dict[str, np.ndarray]  # name -> [N, 2]
     scores: dict[str, float]
-    grids: dict[str, np.ndarray]  # picture name -> images [rows, cols, 28, 28] in [0, 1]
+    grids: dict[str, np.ndarray]  # picture name -> images [rows, cols, C, H, W] in [0, 1]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
+    skipped: dict[str, str] = field(default_factory=dict)  # scores not computed -> why
 
 
 @contextmanager
@@ -93,31 +95,28 @@ def timed(timings: dict[str, float], step: str) -> Iterator[None]:
     timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
 
 
-@contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients, restoring the caller's mode (the analysis may run mid-fit)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 # --- checks: run before anything is logged --------------------------------------------------
 
 
 def labelled_split(datamodule: ImageDataModule, split: str) -> Labelled:
-    """Images and labels of a split; a split without (at least two classes of) labels is a UsageError."""
+    """Images and labels of a split (-1 for every image where the data have no labels)."""
     datamodule.setup()
     data = datamodule.splits.get(split)
     if data is None:
         raise UsageError(f"analysis.split: no split {split!r}; choose one of {', '.join(datamodule.splits)}")
-    labels = None if data.labels is None else np.asarray(data.labels, dtype=np.int64)
-    if labels is None or len(labels) == 0 or (labels < 0).any() or len(np.unique(labels)) < 2:
-        raise UsageError(f"analysis.split: split {split!r} has no labels; silhouette and probes need labelled digits")
+    labels = np.full(len(data), -1, np.int64) if data.labels is None else np.asarray(data.labels, dtype=np.int64)
+    if len(labels) < 2:
+        raise UsageError(f"analysis.split: split {split!r} has {len(labels)} image(s); the analysis needs two or more")
     return data.images, labels
+
+
+def label_problem(labels: np.ndarray, split: str) -> str | None:
+    """Why the label scores cannot be computed on these labels, or None."""
+    if not has_classes(labels):
+        return NO_LABELS if (labels < 0).any() else f"the {split} split has fewer than two classes"
+    if len(np.unique(labels)) >= len(labels):
+        return f"the {split} split has {len(labels)} images of {len(np.unique(labels))} classes; silhouette needs more"
+    return None
 
 
 def check(model: LatentAutoencoder, datamodule: ImageDataModule, options: AnalysisOptions) -> tuple[Labelled, Labelled]:
@@ -145,7 +144,7 @@ def encode(
     zs, means, logvars = [], [], []
     with evaluating(model):
         for batch in images.split(batch_size):
-            mean, logvar = model.forward_encoder(batch.to(model.device))
+            mean, logvar = model.forward_encoder(to_float(batch.to(model.device)))
             mean = mean.float().cpu()
             z = mean
             if logvar is not None:
@@ -166,7 +165,8 @@ def orient(coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
     PCA and UMAP axes have arbitrary signs; one convention keeps pictures of different runs comparable.
     """
-    offset = coords[labels == labels.min()].mean(0) - coords.mean(0)
+    anchor = labels == labels.min() if has_classes(labels) else np.arange(len(labels)) < 1  # else the first image
+    offset = coords[anchor].mean(0) - coords.mean(0)
     return coords * np.where(offset < 0, -1.0, 1.0).astype(coords.dtype)
 
 
@@ -230,73 +230,6 @@ def kl_scores(codes: Codes) -> dict[str, float]:
     return {"active_units": float((kl > ACTIVE_UNIT_KL).sum()), **{f"kl_dim_{i}": float(v) for i, v in enumerate(kl)}}
 
 
-# --- pictures ---------------------------------------------------------------------------------
-
-
-def picture_grids(model: LatentAutoencoder, images: torch.Tensor, labels: np.ndarray, seed: int) -> dict[str, Any]:
-    """Reconstructions of the first image of each digit; for the VAE prior samples and a latent traversal."""
-    first = [int(np.flatnonzero(labels == digit)[0]) for digit in np.unique(labels)]
-    with evaluating(model):
-        x = images[first].to(model.device)
-        grids = {"reconstructions": torch.stack([x, model.reconstruct(x)])}
-        if model.kind == "vae":
-            z = torch.randn(64, model.latent_dim, generator=torch.Generator().manual_seed(seed))
-            grids["prior_samples"] = torch.sigmoid(model.decode(z.to(model.device))).view(8, 8, *x.shape[1:])
-            if model.latent_dim <= TRAVERSAL_MAX_DIM:
-                values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, 9)
-                z = torch.zeros(model.latent_dim, len(values), model.latent_dim)
-                for dim in range(model.latent_dim):
-                    z[dim, :, dim] = values
-                decoded = torch.sigmoid(model.decode(z.flatten(0, 1).to(model.device)))
-                grids["traversal"] = decoded.view(model.latent_dim, len(values), *x.shape[1:])
-    return {name: grid[:, :, 0].float().cpu().numpy() for name, grid in grids.items()}
-
-
-def scatter(ax: Any, coords: np.ndarray, labels: np.ndarray, title: str, projection: str, legend: bool = True) -> None:
-    """The one scatter style: tab10 colour per digit, points drawn in a fixed shuffled order, equal axes."""
-    order = np.random.default_rng(0).permutation(len(labels))
-    colours = [f"C{label % 10}" for label in labels[order]]
-    ax.scatter(coords[order, 0], coords[order, 1], c=colours, s=3, alpha=0.6, linewidths=0, rasterized=True)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(f"{AXIS_NAMES[projection]}1")
-    ax.set_ylabel(f"{AXIS_NAMES[projection]}2")
-    ax.set_aspect("equal", adjustable="datalim")
-    if legend:
-        ax.legend(handles=digit_handles(np.unique(labels)), fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-
-
-def digit_handles(digits: Sequence[int]) -> list[Any]:
-    from matplotlib.lines import Line2D
-
-    return [Line2D([], [], marker="o", linestyle="", color=f"C{d % 10}", label=str(d)) for d in digits]
-
-
-def projection_title(analysis: Analysis, projection: str) -> str:
-    score = analysis.scores[f"silhouette_{projection}"]
-    return f"{analysis.kind.upper()} {projection.upper()} of {analysis.split} codes, silhouette {score:.3f}"
-
-
-def image_grid(images: np.ndarray, title: str) -> Any:
-    """rows x cols of 28x28 images in [0, 1] as one figure."""
-    from matplotlib.figure import Figure
-
-    rows, cols, height, width = images.shape
-    tiled = images.transpose(0, 2, 1, 3).reshape(rows * height, cols * width)
-    figure = Figure(figsize=(0.6 * cols, 0.6 * rows + 0.4))
-    ax = figure.add_subplot()
-    ax.imshow(tiled, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-    return figure
-
-
-GRID_TITLES = {
-    "reconstructions": "inputs (top) and reconstructions",
-    "prior_samples": "samples from the prior N(0, I)",
-    "traversal": f"traversal: one latent dimension per row, -{TRAVERSAL_RANGE:g} to +{TRAVERSAL_RANGE:g}",
-}
-
-
 def write_analysis(analysis: Analysis, folder: Path) -> list[Path]:
     """PNGs, the codes (.npz, with labels and projections) and scores.json into folder."""
     from matplotlib.figure import Figure
@@ -317,6 +250,9 @@ def write_analysis(analysis: Analysis, folder: Path) -> list[Path]:
         arrays.update(mean=analysis.codes.mean, logvar=analysis.codes.logvar)
     np.savez_compressed(folder / "codes.npz", **arrays)
     (folder / "scores.json").write_text(json.dumps({"split": analysis.split, **analysis.scores}, indent=1))
+    if analysis.skipped:
+        lines = [f"{score}: skipped, {reason}" for score, reason in analysis.skipped.items()]
+        (folder / "skipped.txt").write_text("\n".join(lines) + "\n")
     return sorted(folder.iterdir())
 
 
@@ -335,17 +271,24 @@ def analyze(model: LatentAutoencoder, datamodule: ImageDataModule, options: Anal
     if options.umap:
         with timed(timings, "umap"):
             projections["umap"] = umap_2d(codes.z, labels, options.seed)
-    with timed(timings, "silhouette"):
-        scores = {"silhouette_latent": silhouette(codes.z, labels, options.sample_size, options.seed)}
-        for name, coords in projections.items():
-            scores[f"silhouette_{name}"] = silhouette(coords, labels, options.sample_size, options.seed)
-    with timed(timings, "probes"):
-        scores.update(probe_scores(train, codes))
+    scores: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    problem = label_problem(labels, options.split) or label_problem(train_labels, "train")
+    if problem is None:
+        with timed(timings, "silhouette"):
+            scores["silhouette_latent"] = silhouette(codes.z, labels, options.sample_size, options.seed)
+            for name, coords in projections.items():
+                scores[f"silhouette_{name}"] = silhouette(coords, labels, options.sample_size, options.seed)
+        with timed(timings, "probes"):
+            scores.update(probe_scores(train, codes))
+    else:
+        names = ["silhouette_latent", *(f"silhouette_{name}" for name in projections), "knn_acc", "probe_acc"]
+        skipped = dict.fromkeys(names, problem)
     if codes.logvar is not None:
         scores.update(kl_scores(codes))
     with timed(timings, "plots"):
         grids = picture_grids(model, images, labels, options.seed)
-    return Analysis(model.kind, options.split, codes, train, projections, scores, grids, timings)
+    return Analysis(model.kind, options.split, codes, train, projections, scores, grids, timings, skipped)
 
 
 def log_analysis(client: Any, run_id: str, analysis: Analysis, step: int, artifact_path: str = ARTIFACT_DIR) -> None:
@@ -356,6 +299,8 @@ def log_analysis(client: Any, run_id: str, analysis: Analysis, step: int, artifa
         write_analysis(analysis, Path(folder))
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in analysis.scores.items()])
+        if analysis.skipped:  # the reason, on the run's page and in latent/skipped.txt
+            client.set_tag(run_id, "analysis.skipped", f"{', '.join(analysis.skipped)}: {next(iter(analysis.skipped.values()))}")
         client.log_artifacts(run_id, folder, artifact_path)
 
 

@@ -1,4 +1,4 @@
-"""One DataModule for every model: MNIST-like images held in memory, batches are index slices."""
+"""One DataModule for every model: images held in memory as uint8, batches are index slices, floats per batch."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from aevae import sources
 from aevae.errors import UsageError
 
 DATA_ROOT_ENV = "AEVAE_DATA_ROOT"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-Source = Literal["mnist", "fashion-mnist", "mnist-5k"]
-SOURCES: tuple[str, ...] = ("mnist", "fashion-mnist", "mnist-5k")
+SOURCES: tuple[str, ...] = ("mnist", "fashion-mnist", "mnist-5k")  # built in; see check_source for the rest
 ON_DEVICE_SHARE = 0.5  # data.on_device=auto: the splits may take at most this share of free device memory
 
 # torchvision's folder names under the data root.
@@ -121,7 +121,7 @@ def load_mnist_5k(test_size: int, seed: int) -> dict[str, tuple[np.ndarray, np.n
 
 
 class InMemoryImages(Dataset):
-    """Images as one tensor; a batch is one index slice, not per-item transforms."""
+    """Images as one uint8 tensor [N, C, H, W]; a batch is one index slice, not per-item transforms."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images, self.labels = images, labels
@@ -143,8 +143,27 @@ class InMemoryImages(Dataset):
         return InMemoryImages(self.images.to(device), self.labels.to(device))
 
 
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255 as floats in [0, 1]; float images pass through."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
+
 def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch
+
+
+def check_source(source: str) -> None:
+    """A source names a built-in set, a torchvision class, ``folder:PATH`` or ``npz:PATH`` (paths are read in setup)."""
+    for prefix in (sources.FOLDER_PREFIX, sources.NPZ_PREFIX):
+        if source.startswith(prefix) and not source[len(prefix) :].strip():
+            raise UsageError(f"data.source: {prefix}PATH needs a path, got {source!r}")
+    if source in SOURCES or source.startswith((sources.FOLDER_PREFIX, sources.NPZ_PREFIX)):
+        return
+    if sources.torchvision_class(source) is None:
+        raise UsageError(
+            f"data.source: unknown source {source!r}; choose one of {', '.join(SOURCES)}, a torchvision data set "
+            "class (CIFAR10, SVHN, CelebA, ...), folder:PATH or npz:PATH"
+        )
 
 
 class IndexBatches:
@@ -206,24 +225,37 @@ def check_classes(classes: list[int] | None) -> None:
         raise UsageError(f"data.classes lists a label twice: {classes}")
 
 
-def keep_classes(images: np.ndarray, labels: np.ndarray, classes: list[int], split: str) -> tuple[np.ndarray, np.ndarray]:
+def keep_classes(
+    images: torch.Tensor, labels: torch.Tensor, classes: list[int], split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Only the images whose label is in classes."""
-    keep = np.isin(labels, classes)
+    keep = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
     if not keep.any():
         raise UsageError(f"data.classes: no {split} image has a label in {classes}")
     return images[keep], labels[keep]
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """MNIST, Fashion-MNIST or the embedded 5k MNIST digits, with a seeded validation split.
+    """Images of any size and channel count, held in memory as uint8, with a seeded validation split.
 
     Args:
-        source: which data set.
-        root: folder in torchvision's layout (``<root>/MNIST/raw/*.gz``); default ``$AEVAE_DATA_ROOT`` or ``data``.
-        download: fetch with torchvision when the files are missing (needs network).
+        source: ``mnist``, ``fashion-mnist``, ``mnist-5k`` (built in); a torchvision image data set class name
+            (``CIFAR10``, ``CIFAR100``, ``SVHN``, ``CelebA``, ``KMNIST``, ...); ``folder:PATH`` (one sub-folder
+            per class gives labels, image files directly in PATH are unlabelled); or ``npz:PATH`` (arrays
+            ``images`` uint8 [N, H, W] or [N, H, W, C] and optional integer ``labels`` [N]). Unlabelled images
+            get the label -1.
+        root: data folder in torchvision's layout (``<root>/MNIST/raw/*.gz``, ``<root>/cifar-10-batches-py``);
+            default ``$AEVAE_DATA_ROOT`` or ``data``.
+        download: fetch a torchvision data set when its files are missing (needs network).
+        image_size: resize the shorter side to this and centre-crop a square (None: keep the data's size, which
+            must then be the same for every image).
+        train_split: a torchvision data set's split trained on (its own name: ``train``; SVHN also ``extra``).
+        test_split: its split tested on (``test``; CelebA ``test`` or ``valid``).
+        dataset_options: more arguments of the torchvision class, e.g. ``{split: balanced}`` for EMNIST.
+        test_fraction: folders and .npz have no test split: this seeded share of their images is held out.
         batch_size: images per batch (per device under DDP).
         val_fraction: share of the training images held out for validation, with ``split_seed``.
-        split_seed: seed of the train/validation (and, for mnist-5k, train/test) split.
+        split_seed: seed of the train/validation (and, for mnist-5k, folders and .npz, train/test) split.
         binarize: sample binary pixels: per batch in training, once (seeded) for val/test.
         num_workers: DataLoader workers; 0 keeps everything in the main process (fastest in memory).
         on_device: keep the splits on the training accelerator, so a batch is a gather there and no
@@ -235,9 +267,14 @@ class ImageDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source: Source = "mnist-5k",
+        source: str = "mnist-5k",
         root: str | None = None,
         download: bool = False,
+        image_size: int | None = None,
+        train_split: str = "train",
+        test_split: str = "test",
+        dataset_options: dict[str, Any] | None = None,
+        test_fraction: float = 0.1,
         batch_size: int = 128,
         val_fraction: float = 0.1,
         split_seed: int = 0,
@@ -247,8 +284,11 @@ class ImageDataModule(pl.LightningDataModule):
         classes: list[int] | None = None,
     ) -> None:
         super().__init__()
-        if source not in SOURCES:
-            raise UsageError(f"data.source: unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+        check_source(source)
+        if image_size is not None and not 1 <= image_size <= 65536:
+            raise UsageError(f"data.image_size must be in 1..65536, got {image_size}")
+        if not 0.0 < test_fraction < 1.0:
+            raise UsageError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
         if batch_size < 1:
             raise UsageError(f"data.batch_size must be >= 1, got {batch_size}")
         if not 0.0 < val_fraction < 1.0:
@@ -264,6 +304,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.source = source
         self.root = Path(root) if root else default_data_root()
         self.download = download
+        self.image_size = image_size
+        self.torchvision_splits = {"train": train_split, "test": test_split}
+        self.dataset_options = dict(dataset_options or {})
+        self.test_fraction = test_fraction
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.split_seed = split_seed
@@ -276,8 +320,39 @@ class ImageDataModule(pl.LightningDataModule):
         self.classes = None if classes is None else sorted(classes)
 
     def prepare_data(self) -> None:
-        if self.download and self.source != "mnist-5k":
+        if not self.download:
+            return
+        if self.source in ("mnist", "fashion-mnist"):
             load_idx_source(self.source, self.root, download=True)
+        elif sources.torchvision_class(self.source) is not None:
+            for split in self.torchvision_splits.values():
+                sources.open_torchvision(self.source, self.root, split, True, self.dataset_options)
+
+    def read_source(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """train and test of the source: images uint8 [N, C, H, W] at data.image_size, labels int64 (-1: none)."""
+        self.prepare_data()  # setup runs before fit (a missing file must fail before any run): download here
+        if self.source.startswith(sources.FOLDER_PREFIX):
+            path = Path(self.source[len(sources.FOLDER_PREFIX) :]).expanduser()
+            return sources.split_off_test(sources.load_folder(path, self.image_size), self.test_fraction, self.split_seed)
+        if self.source.startswith(sources.NPZ_PREFIX):
+            path = Path(self.source[len(sources.NPZ_PREFIX) :]).expanduser()
+            return sources.split_off_test(sources.load_npz(path, self.image_size), self.test_fraction, self.split_seed)
+        if self.source not in SOURCES:
+            return sources.load_torchvision(
+                self.source, self.root, self.torchvision_splits, False, self.dataset_options, self.image_size
+            )
+        if self.source == "mnist-5k":
+            arrays = load_mnist_5k(test_size=1000, seed=self.split_seed)
+        else:
+            arrays = load_idx_source(self.source, self.root, download=False)
+        loaded = {}
+        for split, (images, labels) in arrays.items():
+            tensor = sources.as_nchw(images.copy(), f"data.source={self.source}")  # IDX buffers are read-only
+            if self.image_size is not None:
+                sources.check_fits(len(tensor), (1, self.image_size, self.image_size), f"data.source={self.source}")
+                tensor = sources.resize(tensor, self.image_size)
+            loaded[split] = (tensor, torch.from_numpy(labels.copy()))
+        return loaded
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
@@ -288,15 +363,14 @@ class ImageDataModule(pl.LightningDataModule):
 
     def load(self) -> None:
         """Read the data set into host memory and make the train/val/test splits."""
-        if self.source == "mnist-5k":
-            arrays = load_mnist_5k(test_size=1000, seed=self.split_seed)
-        else:
-            arrays = load_idx_source(self.source, self.root, download=False)
+        arrays = self.read_source()
         if self.classes is not None:
             arrays = {split: keep_classes(*pair, self.classes, split) for split, pair in arrays.items()}
         train_images, train_labels = arrays["train"]
-        order = np.random.default_rng(self.split_seed).permutation(len(train_images))
+        order = torch.from_numpy(np.random.default_rng(self.split_seed).permutation(len(train_images)))
         n_val = max(1, round(self.val_fraction * len(order)))
+        if n_val >= len(order):
+            raise UsageError(f"data.val_fraction: {len(order)} training images leave none to train on")
         index = {"val": order[:n_val], "train": order[n_val:]}
         self.splits = {
             "train": self._tensors(train_images[index["train"]], train_labels[index["train"]], binarize_seed=None),
@@ -304,12 +378,27 @@ class ImageDataModule(pl.LightningDataModule):
             "test": self._tensors(*arrays["test"], binarize_seed=2),
         }
 
-    def _tensors(self, images: np.ndarray, labels: np.ndarray, binarize_seed: int | None) -> InMemoryImages:
-        pixels = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)  # IDX buffers are read-only
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images (reading the data if not yet read)."""
+        if not self.splits:
+            self.load()
+        return tuple(self.splits["train"].images.shape[1:])
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every image of every split has a class label (unlabelled images carry -1)."""
+        if not self.splits:
+            self.load()
+        return all(bool((split.labels >= 0).all()) for split in self.splits.values())
+
+    def _tensors(self, images: torch.Tensor, labels: torch.Tensor, binarize_seed: int | None) -> InMemoryImages:
+        """uint8 images as they are; binarized val/test images are sampled once, seeded, and kept as 0 or 255."""
         if self.binarize and binarize_seed is not None:
             generator = torch.Generator().manual_seed(self.split_seed * 1000 + binarize_seed)
-            pixels = torch.bernoulli(pixels, generator=generator)
-        return InMemoryImages(pixels, torch.from_numpy(labels.copy()))
+            chunks = [torch.bernoulli(chunk.float() / 255.0, generator=generator) for chunk in images.split(4096)]
+            images = torch.cat(chunks).to(torch.uint8).mul_(255)
+        return InMemoryImages(images.contiguous(), labels.contiguous())
 
     def goes_on_device(self, device: torch.device, world_size: int = 1) -> bool:
         """Whether batches are cut on the training device; a data.on_device=true that cannot fit is a UsageError
@@ -376,6 +465,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         images, labels = batch
+        images = to_float(images)  # on the device that trains: a quarter of the bytes cross to it
         if self.binarize and self.trainer is not None and self.trainer.training:
             images = torch.bernoulli(images)
         return images, labels

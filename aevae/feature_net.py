@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aevae.data import ImageDataModule
+from aevae.data import ImageDataModule, to_float
 
 EXPERIMENT = "feature-nets"
 WEIGHTS = "classifier.pt"
@@ -97,9 +97,9 @@ def train_and_store(client: Any, uri: str, data: ImageDataModule, seed: int) -> 
     full.setup()
     train, val, test = full.splits["train"], full.splits["val"], full.splits["test"]
     start, cpu_start = time.perf_counter(), time.process_time()
-    net = train_feature_net(torch.cat([train.images, val.images]), torch.cat([train.labels, val.labels]), seed)
+    net = train_feature_net(to_float(torch.cat([train.images, val.images])), torch.cat([train.labels, val.labels]), seed)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    accuracy = net.accuracy(test.images, test.labels)
+    accuracy = net.accuracy(to_float(test.images), test.labels)
     experiment = tracking.experiment_id(client, EXPERIMENT, uri)
     tags = {"source": data.source, "seed": str(seed)}
     run_id = client.create_run(experiment, run_name=f"{data.source}-s{seed}", tags=tags).info.run_id

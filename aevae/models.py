@@ -6,18 +6,18 @@ import math
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aevae.errors import UsageError
+from aevae.likelihoods import LIKELIHOODS, Likelihood, bits_per_dim, make_likelihood
+from aevae.networks import ARCHITECTURES, networks
 from aevae.steps import CompiledStep, CudaGraphStep, StepRecord, TrainingSteps
 
-IMAGE_SHAPE = (1, 28, 28)
-IMAGE_PIXELS = 28 * 28
+DEFAULT_IMAGE_SHAPE = (1, 28, 28)  # a model built without data (tests, notebooks); training takes the data's
 MAX_LATENT_DIM = 4096
 ACTIVE_UNIT_KL = 0.01  # nats: a latent dimension with more average KL than this is "active"
 TRAINING_BYTES_PER_PARAMETER = 16  # float32 weight, its gradient and Adam's two moments
@@ -27,7 +27,7 @@ TRAINING_BYTES_PER_PARAMETER = 16  # float32 weight, its gradient and Adam's two
 class ModelOutput:
     """What every model returns for a batch of images (pythae-style: one type for all models)."""
 
-    recon_logits: Tensor  # [B, 1, 28, 28] decoder output before the sigmoid
+    recon_logits: Tensor  # [B, C * params_per_channel, H, W] the decoder's output: the likelihood's parameters
     z: Tensor  # the code that was decoded: AE code, or VAE sample (posterior mean without sampling)
     mean: Tensor  # deterministic code: AE code, VAE posterior mean
     logvar: Tensor | None  # VAE posterior log-variance; None for the AE
@@ -41,56 +41,6 @@ class LossTerms:
     reconstruction: Tensor
     kl: Tensor
     kl_per_dim: Tensor
-
-
-def mlp_encoder(hidden_dims: list[int], out_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = IMAGE_PIXELS
-    for hidden in hidden_dims:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    return nn.Sequential(*layers, nn.Linear(width, out_dim))
-
-
-def mlp_decoder(hidden_dims: list[int], latent_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    width = latent_dim
-    for hidden in reversed(hidden_dims):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    return nn.Sequential(*layers, nn.Linear(width, IMAGE_PIXELS), nn.Unflatten(1, IMAGE_SHAPE))
-
-
-def conv_encoder(hidden_dims: list[int], out_dim: int) -> nn.Sequential:
-    """28x28 -> 14x14 -> 7x7 with two stride-2 convolutions, then a dense layer."""
-    c1, c2, dense = hidden_dims
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(c2 * 7 * 7, dense), nn.ReLU(),
-        nn.Linear(dense, out_dim),
-    )  # fmt: skip
-
-
-def conv_decoder(hidden_dims: list[int], latent_dim: int) -> nn.Sequential:
-    c1, c2, dense = hidden_dims
-    return nn.Sequential(
-        nn.Linear(latent_dim, dense), nn.ReLU(),
-        nn.Linear(dense, c2 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (c2, 7, 7)),
-        nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),
-    )  # fmt: skip
-
-
-ARCHITECTURES = {"mlp": (mlp_encoder, mlp_decoder), "conv": (conv_encoder, conv_decoder)}
-
-
-def networks(
-    architecture: str, hidden_dims: list[int], encoder_outputs: int, latent_dim: int
-) -> tuple[nn.Module, nn.Module]:
-    """The encoder and the decoder of an architecture."""
-    make_encoder, make_decoder = ARCHITECTURES[architecture]
-    return make_encoder(list(hidden_dims), encoder_outputs), make_decoder(list(hidden_dims), latent_dim)
 
 
 def check_memory(build: Callable[[], tuple[nn.Module, ...]], hidden_dims: list[int]) -> None:
@@ -107,13 +57,18 @@ def check_memory(build: Callable[[], tuple[nn.Module, ...]], hidden_dims: list[i
         )
 
 
-def reconstruction_nll(recon_logits: Tensor, x: Tensor, likelihood: str) -> Tensor:
-    """-log p(x|z) per image, summed over pixels, in nats."""
-    if likelihood == "bernoulli":
-        per_pixel = F.binary_cross_entropy_with_logits(recon_logits, x, reduction="none")
-    else:  # unit-variance Gaussian around the sigmoid mean
-        per_pixel = 0.5 * (torch.sigmoid(recon_logits) - x) ** 2 + 0.5 * math.log(2 * math.pi)
-    return per_pixel.flatten(1).sum(1)
+def reconstruction_nll(params: Tensor, x: Tensor, likelihood: str | Likelihood) -> Tensor:
+    """-log p(x|z) per image, summed over pixels, in nats (a likelihood name takes its defaults)."""
+    if isinstance(likelihood, str):
+        likelihood = make_likelihood(likelihood, x.shape[1])
+    return likelihood.nll(params, x)
+
+
+def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(n) for n in image_shape)
+    if len(shape) != 3 or any(n < 1 for n in shape) or shape[0] > 4:
+        raise UsageError(f"model.image_shape must be [channels 1..4, height, width], got {list(image_shape)}")
+    return shape
 
 
 def gaussian_kl_per_dim(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -133,10 +88,15 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
 
     Args:
         latent_dim: size of the code z.
-        architecture: ``mlp`` (hidden_dims are layer widths) or ``conv`` (hidden_dims are
-            [channels of conv 1, channels of conv 2, dense width]).
+        architecture: ``mlp`` (hidden_dims are layer widths) or ``conv`` (hidden_dims are the channels of each
+            stride-2 convolution, then the dense width: [32, 64, 256] takes 28x28 to 7x7).
         hidden_dims: encoder widths from the image inwards; the decoder mirrors them.
-        likelihood: ``bernoulli`` (BCE on logits) or ``gaussian`` (unit variance, MSE).
+        likelihood: ``bernoulli`` (BCE on logits), ``gaussian`` (scale ``likelihood_scale``),
+            ``gaussian-learned`` (one learned scale per channel, starting at ``likelihood_scale``) or
+            ``logistic`` (discretized logistic over the 256 levels of 8-bit pixels, mean and scale per pixel).
+        likelihood_scale: the Gaussian's standard deviation (fixed, or the learned one's start).
+        image_shape: [channels, height, width] of the images; training sets it from the data, and it is saved
+            with the model, so a checkpoint rebuilds without the data. None: [1, 28, 28].
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
     """
@@ -146,31 +106,40 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
         latent_dim: int = 4,
         architecture: Literal["mlp", "conv"] = "mlp",
         hidden_dims: list[int] = [512, 256],
-        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Literal["bernoulli", "gaussian", "gaussian-learned", "logistic"] = "bernoulli",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        likelihood_scale: float = 1.0,
+        image_shape: list[int] | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= latent_dim <= MAX_LATENT_DIM:
             raise UsageError(f"model.latent_dim must be in 1..{MAX_LATENT_DIM}, got {latent_dim}")
         if architecture not in ARCHITECTURES:
             raise UsageError(f"model.architecture: unknown {architecture!r}; choose mlp or conv")
-        if architecture == "conv" and len(hidden_dims) != 3:
-            raise UsageError(f"model.hidden_dims: conv takes [channels1, channels2, dense], got {hidden_dims}")
+        if architecture == "conv" and len(hidden_dims) < 2:
+            raise UsageError(f"model.hidden_dims: conv takes [channels per stride-2 stage..., dense], got {hidden_dims}")
         if any(h < 1 or h > 65536 for h in hidden_dims):
             raise UsageError(f"model.hidden_dims must be widths in 1..65536, got {hidden_dims}")
         if not (lr > 0 and math.isfinite(lr)):
             raise UsageError(f"model.lr must be a finite number > 0, got {lr}")
         if weight_decay < 0:
             raise UsageError(f"model.weight_decay must be >= 0, got {weight_decay}")
-        if likelihood not in ("bernoulli", "gaussian"):
-            raise UsageError(f"model.likelihood: unknown {likelihood!r}; choose bernoulli or gaussian")
+        if likelihood not in LIKELIHOODS:
+            raise UsageError(f"model.likelihood: unknown {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+        if not (likelihood_scale > 0 and math.isfinite(likelihood_scale)):
+            raise UsageError(f"model.likelihood_scale must be a finite number > 0, got {likelihood_scale}")
+        shape = check_image_shape(DEFAULT_IMAGE_SHAPE if image_shape is None else image_shape)
         self.save_hyperparameters()
+        self.hparams.image_shape = list(shape)  # saved resolved, so a checkpoint rebuilds the same networks
+        self.image_shape = shape
         self.latent_dim = latent_dim
         self.likelihood = likelihood
+        self.observation = make_likelihood(likelihood, shape[0], likelihood_scale)
         self.lr = lr
         self.weight_decay = weight_decay
-        build = partial(networks, architecture, hidden_dims, self.encoder_outputs(), latent_dim)
+        out_channels = shape[0] * self.observation.params_per_channel
+        build = partial(networks, architecture, hidden_dims, self.encoder_outputs(), latent_dim, shape, out_channels)
         check_memory(build, hidden_dims)
         self.encoder, self.decoder = build()
         self._epoch_sums: dict[str, Tensor] = {}  # validation and test
@@ -209,12 +178,16 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
         raise NotImplementedError
 
     def decode(self, z: Tensor) -> Tensor:
-        """Decoder logits [B, 1, 28, 28] for codes z."""
+        """The decoder's output for codes z: the likelihood's parameters [B, C * params_per_channel, H, W]."""
         return self.decoder(z)
+
+    def decode_mean(self, z: Tensor) -> Tensor:
+        """Mean images [B, C, H, W] in [0, 1] of p(x | z)."""
+        return self.observation.mean(self.decode(z))
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean images in [0, 1] decoded from the deterministic codes."""
-        return torch.sigmoid(self.decode(self.encode(x)))
+        return self.decode_mean(self.encode(x))
 
     @staticmethod
     def _summary(terms: LossTerms) -> Tensor:
@@ -256,6 +229,7 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
         if self.kind == "vae":
             metrics[f"{stage}/kl"] = kl
             metrics[f"{stage}/nelbo"] = reconstruction + kl
+            metrics[f"{stage}/bpd"] = bits_per_dim(reconstruction + kl, math.prod(self.image_shape), self.observation)
             metrics[f"{stage}/active_units"] = (kl_per_dim > ACTIVE_UNIT_KL).sum().float()
             metrics.update({f"{stage}/kl_dim_{i}": value for i, value in enumerate(kl_per_dim)})
         # Already summed over ranks, so identical everywhere; sync_dist=True only tells Lightning so.
@@ -297,7 +271,7 @@ class AE(LatentAutoencoder):
         return ModelOutput(recon_logits=self.decode(z), z=z, mean=z, logvar=None)
 
     def loss_terms(self, x: Tensor, out: ModelOutput) -> LossTerms:
-        reconstruction = reconstruction_nll(out.recon_logits, x, self.likelihood).mean()
+        reconstruction = self.observation.nll(out.recon_logits, x).mean()
         zero = reconstruction.new_zeros(())
         return LossTerms(reconstruction, reconstruction, zero, reconstruction.new_zeros(self.latent_dim))
 
@@ -350,7 +324,7 @@ class VAE(LatentAutoencoder):
         return kl_warmup(self.kl_weight, epochs_done, self.kl_warmup_epochs)
 
     def loss_terms(self, x: Tensor, out: ModelOutput) -> LossTerms:
-        reconstruction = reconstruction_nll(out.recon_logits, x, self.likelihood).mean()
+        reconstruction = self.observation.nll(out.recon_logits, x).mean()
         kl_per_dim = gaussian_kl_per_dim(out.mean, out.logvar).mean(0)
         kl = kl_per_dim.sum()
         beta = self.beta_now if self.training and self._trainer is not None else self.kl_weight
@@ -370,7 +344,7 @@ class VAE(LatentAutoencoder):
             eps = torch.randn(n, *mean.shape, device=mean.device, dtype=mean.dtype)
             z = mean + std * eps  # [n, B, D]
             logits = self.decode(z.flatten(0, 1))
-            log_px_z = -reconstruction_nll(logits, x.repeat(n, 1, 1, 1), self.likelihood).view(n, -1)
+            log_px_z = -self.observation.nll(logits, x.repeat(n, 1, 1, 1)).view(n, -1)
             log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
             log_qz_x = -0.5 * (eps.pow(2) + logvar + math.log(2 * math.pi)).sum(-1)
             log_weights.append(log_px_z + log_pz - log_qz_x)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
-from aevae.data import SOURCES, ImageDataModule
+from aevae.data import SOURCES, ImageDataModule, to_float
 from aevae.errors import UsageError
 from aevae.models import LatentAutoencoder
 from aevae.ood_metrics import METRICS, Estimate, detection_metrics
@@ -100,7 +100,7 @@ def other_data(data: ImageDataModule, against: str) -> ImageDataModule:
 def test_images(data: ImageDataModule, max_images: int | None, seed: int) -> torch.Tensor:
     """The test split's images, or a seeded random max_images of them."""
     data.setup()
-    images = data.splits["test"].images
+    images = to_float(data.splits["test"].images)
     if max_images is None or max_images >= len(images):
         return images
     keep = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))
@@ -113,7 +113,7 @@ def detect(model: LatentAutoencoder, data: ImageDataModule, other: ImageDataModu
     names = options.scores or list(scores_for(model.kind))
     inside = test_images(data, options.max_images, options.seed)
     outside = test_images(other, options.max_images, options.seed + 1)
-    latent = LatentGaussian(training_codes(model, data.splits["train"].images)) if "mahalanobis" in names else None
+    latent = LatentGaussian(training_codes(model, to_float(data.splits["train"].images))) if "mahalanobis" in names else None
     in_scores = score_images(model, inside, names, options.k, latent, options.seed)
     out_scores = score_images(model, outside, names, options.k, latent, options.seed + 1)
     metrics = {

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from aevae.errors import UsageError
-from aevae.models import LatentAutoencoder, gaussian_kl_per_dim, reconstruction_nll
+from aevae.models import LatentAutoencoder, gaussian_kl_per_dim
 
 SCORES = ("recon", "nelbo", "iwae", "mahalanobis", "complexity")
 VAE_ONLY = ("nelbo", "iwae")
@@ -75,11 +75,11 @@ def batch_scores(model: LatentAutoencoder, x: Tensor, names: Sequence[str], k: i
     out = {"code": mean}
     needed = set(names) | ({"iwae"} if "complexity" in names and model.kind == "vae" else set())
     if needed & {"recon", "complexity"}:
-        out["recon"] = reconstruction_nll(model.decode(mean), x, model.likelihood)
+        out["recon"] = model.observation.nll(model.decode(mean), x)
     if "nelbo" in needed:
         kl = gaussian_kl_per_dim(mean, logvar).sum(1)
         std = (0.5 * logvar).exp()
-        recon = [reconstruction_nll(model.decode(mean + std * torch.randn_like(std)), x, model.likelihood)
+        recon = [model.observation.nll(model.decode(mean + std * torch.randn_like(std)), x)
                  for _ in range(ELBO_SAMPLES)]  # fmt: skip
         out["nelbo"] = torch.stack(recon).mean(0) + kl
     if "iwae" in needed:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
+from aevae.data import to_float
 from aevae.errors import UsageError
 from aevae.models import LatentAutoencoder
 from aevae.ood_scores import training_codes
@@ -71,7 +72,7 @@ def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = NEIGHBOUR
 @torch.no_grad()
 def decode_means(model: LatentAutoencoder, z: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     model.eval()
-    return torch.cat([torch.sigmoid(model.decode(b.to(model.device))).float().cpu() for b in z.split(batch_size)])
+    return torch.cat([model.decode_mean(b.to(model.device)).float().cpu() for b in z.split(batch_size)])
 
 
 def prior_codes(model: LatentAutoencoder, n: int, seed: int) -> torch.Tensor:
@@ -147,7 +148,7 @@ def evaluate_into_run(
 
     data.setup()
     net, accuracy = feature_net(client, uri, data, seed=0)
-    train, test = data.splits["train"].images, data.splits["test"].images
+    train, test = to_float(data.splits["train"].images), to_float(data.splits["test"].images)
     quality = sample_quality(model, train, test, net.features, n, components, seed)
     log_quality(client, run_id, quality, {f"{ARTIFACT_DIR}/classifier_test_acc": accuracy})
     return quality

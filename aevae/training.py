@@ -215,15 +215,30 @@ def instantiate(config: Namespace, parser: ArgumentParser | None = None) -> tupl
         pl.seed_everything(config.seed, workers=True, verbose=False)
     except ValueError as err:  # numpy takes 0..2**32 - 1
         raise UsageError(f"seed: {err}") from err
-    nulls = [key for key, value in config.model.init_args.items() if value is None]
+    nulls = [key for key, value in config.model.init_args.items() if value is None and key != "image_shape"]
     if nulls:  # parsing does not type-check a config file's nulls inside model.init_args; no model argument takes one
         raise UsageError(f"model.{nulls[0]}: null is not a value it takes; leave the key out for its default")
     parser = parser or build_parser()
     try:
-        objects = parser.instantiate_classes(config)
+        datamodule = ImageDataModule(**config.data.as_dict())
     except Exception as err:
         raise UsageError(one_line(err)) from err
-    return objects.model, objects.data
+    with_shape = config.clone()
+    with_shape.model.init_args.image_shape = data_shape(config, datamodule)
+    try:
+        objects = parser.instantiate_classes(with_shape)
+    except Exception as err:
+        raise UsageError(one_line(err)) from err
+    return objects.model, datamodule
+
+
+def data_shape(config: Namespace, datamodule: ImageDataModule) -> list[int]:
+    """The data's image shape (loading the data), which a model.image_shape in the config must match."""
+    shape = list(datamodule.image_shape)
+    given = config.model.init_args.get("image_shape")
+    if given is not None and list(given) != shape:
+        raise UsageError(f"model.image_shape is {list(given)}, but data.source={config.data.source} gives {shape}")
+    return shape
 
 
 def prepare(

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from aevae import tracking  # noqa: E402
-from aevae.data import ImageDataModule  # noqa: E402
+from aevae.data import ImageDataModule, to_float  # noqa: E402
 from aevae.models import VAE  # noqa: E402
 from aevae.training import parse_config, run_training  # noqa: E402
 
@@ -60,7 +60,7 @@ def hand_setup(root: str, device: torch.device, capturable: bool) -> tuple[VAE, 
     data.setup()
     model = VAE(latent_dim=20, hidden_dims=[512, 256]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=capturable)
-    splits = {name: split.images.to(device) for name, split in data.splits.items()}
+    splits = {name: to_float(split.images.to(device)) for name, split in data.splits.items()}  # uint8 on the host
     return model, optimizer, splits
 
 

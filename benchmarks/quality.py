@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 
+from aevae.data import to_float
 from aevae.models import VAE
 from aevae.training import parse_config, run_training
 
@@ -74,7 +75,7 @@ class LikelihoodCurve(Callback):
         epoch = trainer.current_epoch + 1
         if trainer.sanity_checking or epoch % self.every:
             return
-        images = trainer.datamodule.splits["val"].images[: self.n]
+        images = to_float(trainer.datamodule.splits["val"].images[: self.n])
         with torch.inference_mode():
             nll, _ = iwae_nll(pl_module, images, self.k)
         trainer.logger.log_metrics({"val/iwae_nll": nll}, step=epoch)
@@ -107,9 +108,9 @@ def main() -> None:
         minutes = (time.perf_counter() - started) / 60
     curve = plot_curve(result.tracking_uri, result.run_id, Path(args.out))
     data = result.datamodule
-    test = data.splits["test"].images[: args.test_images]
+    test = to_float(data.splits["test"].images[: args.test_images])
     nll, stderr = iwae_nll(result.model, test, args.k)
-    floor = bernoulli_floor(data.splits["train"].images, data.splits["test"].images)
+    floor = bernoulli_floor(to_float(data.splits["train"].images), to_float(data.splits["test"].images))
     print(f"\nVAE 784-500-500-50, dynamic binarization, {result.trainer.current_epoch} epochs in {minutes:.1f} min "
           f"(MLflow run {result.run_id})")  # fmt: skip
     print("| model | test NLL (nats) |\n|---|---:|")

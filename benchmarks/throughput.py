@@ -60,7 +60,7 @@ def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool) 
     import lightning.pytorch as pl
     import torch
 
-    from aevae.data import ImageDataModule
+    from aevae.data import ImageDataModule, to_float
     from aevae.models import VAE
 
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as aevae trains: see the module docstring
@@ -74,7 +74,7 @@ def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool) 
     for _ in range(epochs):
         model.train()
         for index in torch.randperm(len(train)).split(128):
-            x = train.images[index]
+            x = to_float(train.images[index])  # uint8 in memory, floats per batch, as aevae does
             loss = model.loss_terms(x, model(x)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -82,6 +82,7 @@ def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool) 
         model.eval()
         with torch.no_grad():
             for x in val.images.split(128):
+                x = to_float(x)
                 model.loss_terms(x, model(x))
 
 

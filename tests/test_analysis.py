@@ -150,10 +150,17 @@ def test_latent_dim_1_fails_before_any_run(tracking_uri: str, capsys: pytest.Cap
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_split_without_labels_is_refused() -> None:
+def test_unlabelled_split_skips_the_label_scores_and_says_why(tmp_path: Path) -> None:
     datamodule = ImageDataModule(source="mnist-5k")
     datamodule.setup()
     test = datamodule.splits["test"]
     datamodule.splits["test"] = InMemoryImages(test.images, torch.full_like(test.labels, -1))
-    with pytest.raises(UsageError, match="split 'test' has no labels"):
-        analysis.check(VAE(latent_dim=4, hidden_dims=[8]), datamodule, analysis.AnalysisOptions())
+    options = analysis.AnalysisOptions(umap=False)
+    result = analysis.analyze(VAE(latent_dim=4, hidden_dims=[8]), datamodule, options)
+    assert not any(key.startswith(("silhouette", "knn", "probe")) for key in result.scores)
+    assert set(result.skipped) == {"silhouette_latent", "silhouette_pca", "knn_acc", "probe_acc"}
+    assert "active_units" in result.scores and "kl_dim_3" in result.scores  # the KL scores need no labels
+    assert result.grids["reconstructions"].shape == (2, 10, 1, 28, 28)  # the first ten images
+    files = {path.name for path in analysis.write_analysis(result, tmp_path)}
+    assert {"pca.png", "reconstructions.png", "prior_samples.png", "skipped.txt"} <= files
+    assert "no class labels" in (tmp_path / "skipped.txt").read_text()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import lightning.pytorch as pl
 import torch
 
 from conftest import small_mnist
@@ -29,10 +30,12 @@ def test_mnist_5k_split_is_deterministic_and_disjoint() -> None:
 def test_batches_are_index_slices_of_one_tensor() -> None:
     data = ImageDataModule(source="mnist-5k", batch_size=50)
     data.setup()
-    images, labels = next(iter(data.val_dataloader()))
-    assert images.shape == (50, 1, 28, 28) and images.dtype == torch.float32
-    assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.5
-    assert torch.equal(images, data.splits["val"].images[:50])
+    batch = next(iter(data.val_dataloader()))
+    assert batch[0].shape == (50, 1, 28, 28) and batch[0].dtype == torch.uint8  # a quarter of the bytes to move
+    assert torch.equal(batch[0], data.splits["val"].images[:50])
+    images, labels = data.on_after_batch_transfer(batch, 0)  # floats on the device that trains
+    assert images.dtype == torch.float32 and 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.5
+    assert torch.equal(images, data.splits["val"].images[:50].float() / 255)
     assert torch.equal(labels, data.splits["val"].labels[:50])
 
 
@@ -47,9 +50,19 @@ def test_binarize_fixes_eval_pixels_and_samples_training_batches() -> None:
     data.setup()
     again = ImageDataModule(source="mnist-5k", binarize=True)
     again.setup()
-    assert set(data.splits["test"].images.unique().tolist()) == {0.0, 1.0}
+    assert set(data.splits["test"].images.unique().tolist()) == {0, 255}  # sampled once, kept as uint8
     assert torch.equal(data.splits["test"].images, again.splits["test"].images)  # seeded, once
-    assert not set(data.splits["train"].images.unique().tolist()) <= {0.0, 1.0}  # sampled per batch
+    test_batch, _ = data.on_after_batch_transfer(next(iter(data.test_dataloader())), 0)
+    assert set(test_batch.unique().tolist()) == {0.0, 1.0}
+    train = data.splits["train"].images[:512]
+    assert len(set(train.unique().tolist())) > 100  # stored grey: sampled per batch
+    data.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    data.trainer.training = True
+    first, _ = data.on_after_batch_transfer((train, None), 0)
+    second, _ = data.on_after_batch_transfer((train, None), 0)
+    assert set(first.unique().tolist()) == {0.0, 1.0} and not torch.equal(first, second)
+    grey = train.float() / 255  # a pixel is 1 with its grey value's probability
+    assert abs(first.mean().item() - grey.mean().item()) < 0.01
 
 
 def test_written_idx_files_load_as_mnist(tmp_path: Path) -> None:
@@ -57,7 +70,7 @@ def test_written_idx_files_load_as_mnist(tmp_path: Path) -> None:
     data = ImageDataModule(source="mnist", root=str(tmp_path), val_fraction=0.25)
     data.setup()
     assert {split: len(data.splits[split]) for split in ("train", "val", "test")} == {"train": 15, "val": 5, "test": 10}
-    expected = torch.from_numpy(read_idx(raw / "t10k-images-idx3-ubyte.gz").copy()).float().div(255).unsqueeze(1)
+    expected = torch.from_numpy(read_idx(raw / "t10k-images-idx3-ubyte.gz").copy()).unsqueeze(1)  # uint8 in memory
     assert torch.equal(data.splits["test"].images, expected)
 
 

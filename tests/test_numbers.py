@@ -158,14 +158,14 @@ def test_logged_epoch_metrics_recomputed_by_hand(tmp_path: Path, tracking_uri: s
     data = result.datamodule
     best = weights_of(result.best_checkpoint)
     last = weights_of(Path(result.best_checkpoint).with_name("last.ckpt"))  # result.model holds the best weights
-    assert epoch_means(best, data.splits["val"].images)["loss"] == pytest.approx(history[0], rel=1e-5)
-    val_last = epoch_means(last, data.splits["val"].images)
-    test_best = epoch_means(best, data.splits["test"].images)
+    assert epoch_means(best, data.splits["val"].images.float() / 255)["loss"] == pytest.approx(history[0], rel=1e-5)
+    val_last = epoch_means(last, data.splits["val"].images.float() / 255)
+    test_best = epoch_means(best, data.splits["test"].images.float() / 255)
     for name, value in val_last.items():
         assert logged[f"val/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     for name, value in test_best.items():
         assert logged[f"test/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
-    assert epoch_means(last, data.splits["test"].images)["loss"] > test_best["loss"] + 50
+    assert epoch_means(last, data.splits["test"].images.float() / 255)["loss"] > test_best["loss"] + 50
 
 
 def test_binarization_draws_fresh_pixels_for_every_training_batch() -> None:

@@ -95,7 +95,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_same_images_score_alike_and_white_images_are_far_out(runs) -> None:
     vae = runs["vae"]
     data = vae.datamodule
-    images = data.splits["test"].images[:200]
+    images = data.splits["test"].images[:200].float() / 255  # uint8 in memory
     latent = LatentGaussian(np.random.default_rng(0).normal(size=(100, 4)))
     names = ["recon", "nelbo", "iwae", "mahalanobis", "complexity"]
     first = score_images(vae.model, images, names, k=20, latent=latent, seed=0)
