@@ -178,6 +178,16 @@ class TrainingSteps:
     The model provides loss_terms, _summary, beta, record (a StepRecord) and the buffers beta_now and found_inf.
     """
 
+    # Lightning sets _current_fx_name around every hook it calls, about 40 times a step, and nn.Module.__setattr__
+    # checks each value against parameters, buffers and modules (~3 us); these names are none of them.
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_found_bad"})
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in TrainingSteps._PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def configure_step(self, compile_mode: str) -> None:
         """fit.compile: ``none`` (eager, automatic optimization), ``compile`` (torch.compile of forward, loss and
         backward) or ``cudagraph`` (the whole step captured in a CUDA graph); the last two optimize manually."""

@@ -181,7 +181,7 @@ def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] 
     trainer_options = {key: value for key, value in config.trainer.items() if value is not None or key == "max_epochs"}
     plain_cuda_checks(aevae.USER_NVML_CUDA_CHECK, str(trainer_options.get("strategy", "auto")))
     try:
-        return pl.Trainer(
+        trainer = pl.Trainer(
             **trainer_options,
             logger=logger,
             callbacks=all_callbacks,
@@ -190,6 +190,9 @@ def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] 
         )
     except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:  # e.g. devices=0, no GPU
         raise UsageError(f"trainer: {one_line(err)}") from err
+    if trainer.world_size == 1:  # nothing to agree on; Lightning calls every callback's hooks every step
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, distributed.RankAgreement)]
+    return trainer
 
 
 def check_trainer(config: Namespace, datamodule: ImageDataModule | None = None) -> None:
