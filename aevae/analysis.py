@@ -14,7 +14,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,12 +22,11 @@ import torch
 from jsonargparse.typing import PositiveInt
 
 from aevae import checkpoints
-from aevae.data import ImageDataModule, to_float
+from aevae.batches import to_float
+from aevae.data import ImageDataModule
 from aevae.errors import UsageError
 from aevae.models import ACTIVE_UNIT_KL, LatentAutoencoder, gaussian_kl_per_dim
-from aevae.pictures import (  # noqa: F401 (scatter, digit_handles, projection_title: compare's pictures too)
-    GRID_TITLES, digit_handles, evaluating, has_classes, image_grid, picture_grids, projection_title, scatter,
-)  # fmt: skip
+from aevae.pictures import GRID_TITLES, evaluating, has_classes, image_grid, picture_grids, projection_title, scatter
 
 ARTIFACT_DIR = "latent"
 PROJECTIONS = ("pca", "umap")

@@ -19,7 +19,7 @@ import numpy as np
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.callbacks import Callback
 
-from aevae import analysis, console, tracking, training, uses
+from aevae import analysis, console, pictures, tracking, training, uses
 from aevae.errors import UsageError
 
 TABLE_SCORES = ("silhouette_latent", "silhouette_pca", "silhouette_umap", "knn_acc", "probe_acc", "active_units",
@@ -186,9 +186,9 @@ def comparison_figure(latents: Sequence[analysis.Analysis], labels: Sequence[str
     axes = figure.subplots(len(latents), len(projections), squeeze=False)
     for row, latent, label in zip(axes, latents, labels):
         for ax, name in zip(row, projections):
-            title = analysis.projection_title(latent, name).replace(latent.kind.upper(), label.upper(), 1)
-            analysis.scatter(ax, latent.projections[name], latent.codes.labels, title, name, legend=False)
-    figure.legend(handles=analysis.digit_handles(np.unique(latents[0].codes.labels)), loc="outside right center")
+            title = pictures.projection_title(latent, name).replace(latent.kind.upper(), label.upper(), 1)
+            pictures.scatter(ax, latent.projections[name], latent.codes.labels, title, name, legend=False)
+    figure.legend(handles=pictures.digit_handles(np.unique(latents[0].codes.labels)), loc="outside right center")
     return figure
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aevae.data import ImageDataModule, to_float
+from aevae.batches import to_float
+from aevae.data import ImageDataModule
 
 EXPERIMENT = "feature-nets"
 WEIGHTS = "classifier.pt"

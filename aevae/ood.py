@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
-from aevae.data import SOURCES, ImageDataModule, to_float
+from aevae.batches import to_float
+from aevae.data import SOURCES, ImageDataModule
 from aevae.errors import UsageError
 from aevae.models import LatentAutoencoder
 from aevae.ood_metrics import METRICS, Estimate, detection_metrics

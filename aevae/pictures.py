@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from aevae.data import to_float
+from aevae.batches import to_float
 from aevae.models import LatentAutoencoder
 
 AXIS_NAMES = {"pca": "PC", "umap": "UMAP"}

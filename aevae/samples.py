@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
-from aevae.data import to_float
+from aevae.batches import to_float
 from aevae.errors import UsageError
 from aevae.models import LatentAutoencoder
 from aevae.ood_scores import training_codes

@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from aevae import tracking  # noqa: E402
-from aevae.data import ImageDataModule, to_float  # noqa: E402
+from aevae.batches import to_float  # noqa: E402
+from aevae.data import ImageDataModule  # noqa: E402
 from aevae.models import VAE  # noqa: E402
 from aevae.training import parse_config, run_training  # noqa: E402
 

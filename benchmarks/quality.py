@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from aevae.data import to_float
+from aevae.batches import to_float
 from aevae.models import VAE
 from aevae.training import parse_config, run_training
 

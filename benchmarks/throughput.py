@@ -60,7 +60,8 @@ def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool) 
     import lightning.pytorch as pl
     import torch
 
-    from aevae.data import ImageDataModule, to_float
+    from aevae.batches import to_float
+    from aevae.data import ImageDataModule
     from aevae.models import VAE
 
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as aevae trains: see the module docstring

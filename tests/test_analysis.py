@@ -12,8 +12,8 @@ from sklearn.metrics import silhouette_score
 
 from aevae import analysis
 from aevae.cli import main
-from aevae.data import ImageDataModule, InMemoryImages
-from aevae.errors import UsageError
+from aevae.batches import InMemoryImages
+from aevae.data import ImageDataModule
 from aevae.models import VAE
 from aevae.training import parse_config, run_training
 

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from aevae.analysis import Codes, kl_scores, probe_scores
 from aevae.checkpoints import read_checkpoint
 from aevae.compare import mean_std, paired_p, score_table
-from aevae.data import ImageDataModule, InMemoryImages
+from aevae.batches import InMemoryImages
+from aevae.data import ImageDataModule
 from aevae.models import VAE, gaussian_kl_per_dim, reconstruction_nll
 from aevae.training import parse_config, run_training
 from conftest import REPO

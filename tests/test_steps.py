@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 import aevae
 from aevae import steps
-from aevae.data import ImageDataModule, IndexBatches, InMemoryImages, _keep_batch, device_placement
+from aevae.batches import InMemoryImages, IndexBatches, device_placement, keep_batch
+from aevae.data import ImageDataModule
 from aevae.errors import UsageError
 from aevae.training import build_trainer, instantiate, parse_config, run_training
 from conftest import REPO
@@ -45,7 +46,7 @@ def test_index_batches_are_the_dataloaders_batches() -> None:
     data = numbered(103)
     for shuffle in (True, False):
         torch.manual_seed(7)
-        loader = DataLoader(data, batch_size=10, shuffle=shuffle, collate_fn=_keep_batch)
+        loader = DataLoader(data, batch_size=10, shuffle=shuffle, collate_fn=keep_batch)
         expected = [[labels.tolist() for _, labels in loader] for _epoch in range(3)]
         torch.manual_seed(7)
         batches = IndexBatches(data, batch_size=10, shuffle=shuffle)
