@@ -75,7 +75,7 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path, tracking_uri: str) -> None:
     data = ImageDataModule(source="mnist-5k")
     data.setup()
     best_epoch = min(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.value).step
-    for name, value in epoch_means(from_checkpoint, data.splits["val"].images).items():
+    for name, value in epoch_means(from_checkpoint, data.splits["val"].images.float() / 255).items():
         (logged,) = [m.value for m in client.get_metric_history(run.info.run_id, f"val/{name}") if m.step == best_epoch]
         assert logged == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
