@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from aevae.errors import UsageError
+from aevae.errors import UsageError, causes
 
 DEFAULT_STORE = Path("mlruns")
 DB_NAME = "mlflow.db"
@@ -292,8 +292,8 @@ def close_run(client: Any, run_id: str, error: BaseException | None) -> str:
     """End a run as FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED with the reason as a tag."""
     if error is None:
         status = "FINISHED"
-    elif isinstance(error, (KeyboardInterrupt, SystemExit)):
-        status = "KILLED"
+    elif any(isinstance(cause, (KeyboardInterrupt, SystemExit)) for cause in causes(error)):
+        status = "KILLED"  # an interrupt that landed inside torch.save surfaces as the writer's RuntimeError
     else:
         status = "FAILED"
         client.set_tag(run_id, "failure_reason", mask_secrets(f"{type(error).__name__}: {error}")[:4000])

@@ -228,7 +228,7 @@ def test_pruned_and_diverged_trials_are_recorded_and_the_sweep_goes_on(in_tmp: P
 
 def test_sigkilled_worker_trial_is_retried_and_its_run_killed(in_tmp: Path) -> None:
     tmp_path = in_tmp
-    overrides = {**TINY["overrides"], "trainer.max_epochs": 4, "trainer.limit_train_batches": 8}
+    overrides = {**TINY["overrides"], "trainer.max_epochs": 40, "trainer.limit_train_batches": 8}  # seconds a trial
     path = write_sweep(tmp_path, overrides=overrides, n_trials=2)
     storage = local_storage(tmp_path)
     log = (tmp_path / "killed.log").open("w")
@@ -341,15 +341,17 @@ def test_sweep_without_its_data_is_one_line_and_writes_nothing(in_tmp: Path) -> 
 
 
 def test_a_trial_that_fails_on_bad_input_stops_the_sweep_at_once(in_tmp: Path) -> None:
-    # The base experiment trains (embedded digits); the searched data.source does not exist here: every trial would
-    # fail alike, so the first one stops the sweep with its one line.
-    write_sweep(in_tmp, space={"data.source": ["mnist"]}, n_trials=3)
-    result = sweep_cli(in_tmp, env={"AEVAE_DATA_ROOT": str(in_tmp / "no-data")})
+    # The base experiment trains and is analysed; the searched latent_dim 1 builds (the space check passes) but has no
+    # 2-D projection, which only the trial's own pre-check finds: every trial would fail alike, so the first one
+    # stops the sweep with its one line. (A missing data set is found earlier, by the space check: no trial at all.)
+    analysed = {**TINY["overrides"], "analysis.enabled": True, "analysis.umap": False}
+    write_sweep(in_tmp, overrides=analysed, space={"model.latent_dim": [1]}, n_trials=3)
+    result = sweep_cli(in_tmp)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = error_lines(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith("aevae sweep: error: data.source=mnist: "), lines
+    assert len(lines) == 1 and lines[0].startswith("aevae sweep: error: model.latent_dim: a 2-D projection"), lines
     (trial,) = trials(local_storage(in_tmp))
-    assert trial.state == TrialState.FAIL and "not found" in trial.user_attrs["usage_error"]
+    assert trial.state == TrialState.FAIL and "latent_dim >= 2" in trial.user_attrs["usage_error"]
     client = MlflowClient(f"sqlite:///{in_tmp / 'mlruns' / 'mlflow.db'}")
     (parent,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
                  if r.data.tags.get("aevae.sweep") == "parent"]  # fmt: skip
