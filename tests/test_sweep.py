@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -247,7 +248,7 @@ def test_sigkilled_worker_trial_is_retried_and_its_run_killed(in_tmp: Path) -> N
             continue  # polling an existing study creates nothing
         try:
             study = trials(storage)
-        except KeyError:  # the database is there, the study not yet
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # the database is there (or being made), the study not yet
             continue
         if not any(t.number == 0 and t.state == TrialState.COMPLETE for t in study):
             continue
