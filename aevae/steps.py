@@ -29,13 +29,14 @@ def host_read_interval(device: torch.device) -> int:
     return 1 if device.type == "cpu" else DEVICE_CHECK_EVERY
 
 
-def check_compile(mode: str, device: Any, world_size: int, precision: str, trainer: Any) -> None:
+def check_compile(mode: str, precision: str, trainer: Any) -> None:
     """Refuse, before any run exists, a compiled or captured step where it cannot train the same model as eager."""
     if mode == "none":
         return
-    field = f"fit.compile={mode}"
-    if world_size > 1:
-        raise UsageError(f"{field}: runs on one device; this trainer has {world_size} processes (use none under DDP)")
+    field, device = f"fit.compile={mode}", trainer.strategy.root_device
+    if trainer.world_size > 1:
+        processes = trainer.world_size
+        raise UsageError(f"{field}: runs on one device; this trainer has {processes} processes (use none under DDP)")
     if precision not in CAPTURABLE_PRECISIONS:
         raise UsageError(f"{field}: takes trainer.precision 32-true or bf16-mixed, got {precision}")
     if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:

@@ -207,7 +207,7 @@ def check_trainer(config: Namespace, datamodule: ImageDataModule | None = None) 
         lightning_log.setLevel(level)
     device = trainer.strategy.root_device
     precision = str(config.trainer.get("precision") or "32-true")  # as asked: Lightning may swap 16 for bf16 on a CPU
-    check_compile(config.fit.compile, device, trainer.world_size, precision, trainer)
+    check_compile(config.fit.compile, precision, trainer)
     if datamodule is not None:
         datamodule.goes_on_device(device, trainer.world_size)
 
