@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from aevae.errors import TrainingDiverged, UsageError
 
-COMPILE_MODES = ("none", "compile", "cudagraph")
+COMPILE_MODES = ("none", "compile", "reduce-overhead", "cudagraph")
+CUDA_ONLY_MODES = ("reduce-overhead", "cudagraph")  # both replay CUDA graphs
 DEVICE_CHECK_EVERY = 100  # on an accelerator, steps between host reads of the divergence record (CPU: every step)
 BAR_EVERY = 50  # on an accelerator, steps between progress-bar loss updates (each one a host read)
 CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before capture, as PyTorch's CUDA-graph recipe asks
@@ -43,7 +44,7 @@ def check_compile(mode: str, precision: str, trainer: Any) -> None:
         raise UsageError(
             f"{field}: optimizes manually, without trainer.accumulate_grad_batches or trainer.gradient_clip_val"
         )
-    if mode == "cudagraph" and device.type != "cuda":
+    if mode in CUDA_ONLY_MODES and device.type != "cuda":
         raise UsageError(f"{field}: needs a CUDA device; this trainer runs on {device.type} (use compile there)")
     if mode == "compile" and device.type == "cpu" and shutil.which("c++") is None:
         raise UsageError(f"{field}: torch.compile on the CPU needs a C++ compiler (c++) on the PATH")
@@ -100,20 +101,24 @@ class StepRecord(nn.Module):
 
 
 class CompiledStep:
-    """forward + loss + backward through `torch.compile` (CPU and GPU), then the optimizer's fused step.
+    """forward + loss + backward through `torch.compile` (CPU and GPU), then the optimizer's fused step. Under
+    mode ``reduce-overhead`` (CUDA) inductor also records its kernels in CUDA graphs (its cudagraph trees).
 
     Random draws use the eager kernels (inductor's fallback_random), so a seeded compiled run follows the same
     noise as an eager one and their losses agree to rounding.
     """
 
-    def __init__(self, forward_backward: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, forward_backward: Callable[[Tensor], Tensor], mode: str = "default") -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.fallback_random = True
-        self.forward_backward = torch.compile(forward_backward, dynamic=False)
+        self.mode = mode
+        self.forward_backward = torch.compile(forward_backward, dynamic=False, mode=mode)
 
     def __call__(self, x: Tensor, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
+        if self.mode == "reduce-overhead":  # a new iteration: the last step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         self.forward_backward(x)
         optimizer.step()
 
@@ -191,10 +196,15 @@ class TrainingSteps:
 
     def configure_step(self, compile_mode: str) -> None:
         """fit.compile: ``none`` (eager, automatic optimization), ``compile`` (torch.compile of forward, loss and
-        backward) or ``cudagraph`` (the whole step captured in a CUDA graph); the last two optimize manually."""
+        backward), ``reduce-overhead`` (the same, replayed through inductor's CUDA graphs) or ``cudagraph`` (the
+        whole step captured in one CUDA graph); all but the first optimize manually."""
         self.compile_mode = compile_mode
         self.automatic_optimization = compile_mode == "none"
-        runners = {"compile": CompiledStep, "cudagraph": CudaGraphStep}
+        runners = {
+            "compile": lambda step: CompiledStep(step),
+            "reduce-overhead": lambda step: CompiledStep(step, mode="reduce-overhead"),
+            "cudagraph": CudaGraphStep,
+        }
         self.step_runner = runners[compile_mode](self._forward_backward) if compile_mode in runners else None
 
     def on_train_start(self) -> None:

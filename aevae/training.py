@@ -65,8 +65,9 @@ class FitOptions:
         on_nonfinite: on a NaN/inf loss or gradient, ``stop`` (the run fails, its last good checkpoint
             stays) or ``skip`` the batch and count it (single device only).
         compile: the training step as it runs: ``none`` (eager), ``compile`` (``torch.compile`` of forward, loss
-            and backward; CPU or GPU) or ``cudagraph`` (the whole step, fused Adam included, captured in a CUDA
-            graph and replayed; one CUDA device). Both train the same model as eager, to rounding.
+            and backward; CPU or GPU), ``reduce-overhead`` (the same through torch.compile's CUDA graphs; CUDA) or
+            ``cudagraph`` (the whole step, fused Adam included, captured in one CUDA graph and replayed; one CUDA
+            device). All train the same model as eager, to rounding.
     """
 
     early_stopping_patience: PositiveInt | None = None
@@ -74,7 +75,7 @@ class FitOptions:
     test: bool = True
     resume: str | None = None
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    compile: Literal["none", "compile", "cudagraph"] = "none"
+    compile: Literal["none", "compile", "reduce-overhead", "cudagraph"] = "none"
 
 
 ALLOWED_IMPORTS = ["aevae", "torch.nn"]  # class paths a config may name; more only by `aevae --allow-import`

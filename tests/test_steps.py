@@ -212,6 +212,7 @@ def test_compiled_step_trains_the_same_model_as_eager(tmp_path: Path) -> None:
     "extra,message",
     [
         (["--fit.compile", "cudagraph"], "fit.compile=cudagraph: needs a CUDA device; this trainer runs on cpu"),
+        (["--fit.compile", "reduce-overhead"], "fit.compile=reduce-overhead: needs a CUDA device; this trainer runs"),
         (["--fit.compile", "compile", "--trainer.precision", "16-mixed"], "takes trainer.precision 32-true or bf16"),
         (["--fit.compile", "compile", "--trainer.gradient_clip_val", "1.0"], "optimizes manually"),
         (["--fit.compile", "compile", "--trainer.devices", "2", "--trainer.strategy", "ddp"], "runs on one device"),
