@@ -370,11 +370,15 @@ def sweep_minutes(args: argparse.Namespace, workers: int, folder: Path, budget: 
         text = text.replace("space:\n", limits + "space:\n")
     config.write_text(text)
     start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "aevae", "sweep", "--config", str(config), "--workers", str(workers),
-         "--study", f"gpu-bench-{workers}"],
-        cwd=folder, capture_output=True, text=True, env=child_env(),
-    )  # fmt: skip
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "aevae", "sweep", "--config", str(config), "--workers", str(workers),
+             "--study", f"gpu-bench-{workers}"],
+            cwd=folder, capture_output=True, text=True, env=child_env(), timeout=max(30.0, budget.end - time.monotonic() + 60),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        print(f"sweep with {workers} workers: timed out", flush=True)
+        return None
     if done.returncode != 0:
         print(f"sweep with {workers} workers failed (exit {done.returncode}):\n{done.stderr[-2500:]}", flush=True)
         return None
