@@ -2,7 +2,9 @@
 
 The same VAE (`--model mlp`: 784-512-256-20; `--model tiny`: 784-16-2, where the arithmetic is negligible and the
 per-step overhead is all that is left), batch 128, Adam 1e-3, the full MNIST train split (54,000 images) with a
-validation pass each epoch, trained these ways, interleaved, `--repeats` times each:
+validation pass each epoch; or `--model conv32`: a conv VAE (stride-2 stages 32-64-128, dense 256, latent 64,
+discretized logistic likelihood) on 8,000 32x32 RGB images from an .npz (MNIST digits padded and tinted, written
+by this script: 6,480 train, 720 validation). Trained these ways, interleaved, `--repeats` times each:
 
   hand        a plain PyTorch loop over aevae's VAE class: in-memory tensors, index slices, torch.optim.Adam
   hand-fused  the same loop with the fused Adam kernel that aevae uses: the baseline (1.00x)
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -32,19 +35,78 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_IMAGES, STEPS = 54000, 422 + 47  # train and validation batches an epoch (54,000 and 6,000 images, batch 128)
-MODELS = {"mlp": ("20", "[512, 256]"), "tiny": ("2", "[16]")}
+BATCH = 128
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A benchmark model and the images it trains on."""
+
+    latent: int
+    hidden: list[int]
+    architecture: str = "mlp"
+    likelihood: str = "bernoulli"
+    npz_images: int = 0  # 0: full MNIST (54,000 train, 6,000 val); else an .npz of this many 32x32 RGB images
+
+    def split_sizes(self) -> tuple[int, int]:
+        """Train and validation images, as aevae.data splits them (npz: 10% test off, then 10% validation)."""
+        if not self.npz_images:
+            return 54000, 6000
+        rest = self.npz_images - round(0.1 * self.npz_images)
+        return rest - round(0.1 * rest), round(0.1 * rest)
+
+    def steps(self) -> int:
+        train, val = self.split_sizes()
+        return math.ceil(train / BATCH) + math.ceil(val / BATCH)
+
+
+MODELS = {
+    "mlp": Bench(20, [512, 256]),
+    "tiny": Bench(2, [16]),
+    "conv32": Bench(64, [32, 64, 128, 256], "conv", "logistic", npz_images=8000),
+}
 DEFAULT_VARIANTS = ["hand", "hand-fused", "aevae", "untracked", "compiled", "tutorial"]
 
 
-def config_args(root: str, epochs: int, store: Path, model: str) -> list[str]:
-    latent, hidden = MODELS[model]
+def source(root: str, model: str) -> str:
+    return f"npz:{npz_path(MODELS[model])}" if MODELS[model].npz_images else "mnist"
+
+
+def npz_path(bench: Bench) -> Path:
+    return Path(tempfile.gettempdir()) / f"aevae-bench-rgb32-{bench.npz_images}.npz"
+
+
+def write_npz(root: str, bench: Bench) -> None:
+    """MNIST digits padded to 32x32 and tinted with a seeded colour each: 32x32 RGB images with structure."""
+    import numpy as np
+
+    from aevae.data import ImageDataModule
+
+    data = ImageDataModule(source="mnist", root=root)
+    data.setup()
+    digits = data.splits["train"].images[: bench.npz_images, 0].numpy()  # uint8 [N, 28, 28]
+    padded = np.pad(digits, ((0, 0), (2, 2), (2, 2))).astype(np.float32)
+    tint = np.random.default_rng(0).uniform(0.3, 1.0, size=(len(padded), 1, 1, 3))
+    images = (padded[..., None] * tint).round().astype(np.uint8)
+    np.savez(npz_path(bench), images=images, labels=data.splits["train"].labels[: bench.npz_images].numpy())
+
+
+def model_args(model: str) -> list[str]:
+    bench = MODELS[model]
     return [
-        "--model", "aevae.models.VAE", "--model.latent_dim", latent, "--model.hidden_dims", hidden,
-        "--data.source", "mnist", "--data.root", root, "--data.batch_size", "128",
+        "--model.latent_dim", str(bench.latent), "--model.hidden_dims", json.dumps(bench.hidden),
+        "--model.architecture", bench.architecture, "--model.likelihood", bench.likelihood,
+    ]  # fmt: skip
+
+
+def config_args(root: str, epochs: int, store: Path, model: str) -> list[str]:
+    return [
+        "--model", "aevae.models.VAE", *model_args(model),
+        "--data.source", source(root, model), "--data.root", root, "--data.batch_size", str(BATCH),
         "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--trainer.num_sanity_val_steps", "0",
@@ -62,14 +124,12 @@ def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool) 
 
     from aevae.batches import to_float
     from aevae.data import ImageDataModule
-    from aevae.models import VAE
 
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as aevae trains: see the module docstring
     pl.seed_everything(0, verbose=False)
-    data = ImageDataModule(source="mnist", root=root, batch_size=128)
+    data = ImageDataModule(source=source(root, model_name), root=root, batch_size=BATCH)
     data.setup()
-    latent, hidden = MODELS[model_name]
-    model = VAE(latent_dim=int(latent), hidden_dims=json.loads(hidden))
+    model = new_vae(model_name, list(data.image_shape))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
     train, val = data.splits["train"], data.splits["val"]
     for _ in range(epochs):
@@ -85,6 +145,16 @@ def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool) 
             for x in val.images.split(128):
                 x = to_float(x)
                 model.loss_terms(x, model(x))
+
+
+def new_vae(model_name: str, image_shape: list[int]):
+    from aevae.models import VAE
+
+    bench = MODELS[model_name]
+    return VAE(
+        latent_dim=bench.latent, hidden_dims=bench.hidden, architecture=bench.architecture,
+        likelihood=bench.likelihood, image_shape=image_shape,
+    )  # fmt: skip
 
 
 def fit_aevae(root: str, epochs: int, store: Path, model_name: str, *extra: str) -> None:
@@ -107,8 +177,6 @@ def fit_tutorial(root: str, epochs: int, store: Path, model_name: str) -> None:
     import torch
     from torchvision import datasets, transforms
 
-    from aevae.models import VAE
-
     class TutorialData(pl.LightningDataModule):
         def setup(self, stage: str | None = None) -> None:
             full = datasets.MNIST(str(store / "tv"), train=True, download=True, transform=transforms.ToTensor())
@@ -126,8 +194,7 @@ def fit_tutorial(root: str, epochs: int, store: Path, model_name: str) -> None:
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
-    latent, hidden = MODELS[model_name]
-    trainer.fit(VAE(latent_dim=int(latent), hidden_dims=json.loads(hidden)), datamodule=TutorialData())
+    trainer.fit(new_vae(model_name, [1, 28, 28]), datamodule=TutorialData())
 
 
 def child(variant: str, root: str, epochs: int, model_name: str, threads: int) -> None:
@@ -197,7 +264,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.root, args.epochs, args.model, args.threads)
+    bench = MODELS[args.model]
+    if bench.npz_images:
+        write_npz(args.root, bench)
     variants = args.variants or DEFAULT_VARIANTS + (["before"] if args.before else [])
+    if bench.npz_images and "tutorial" in variants:
+        variants.remove("tutorial")  # torchvision's MNIST pipeline: 28x28 grey only
     marginal: dict[str, list[float]] = {name: [] for name in variants}
     fixed: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
@@ -208,18 +280,19 @@ def main() -> None:
             print(f"repeat {repeat} {name:<10} 1 epoch {one:6.1f} s  3 epochs {three:6.1f} s", flush=True)
     baseline = "hand-fused" if "hand-fused" in variants else variants[0]
     base = statistics.median(marginal[baseline])
-    print(f"\nmodel {args.model}; CPU threads: {args.threads}; train split: {TRAIN_IMAGES} images; "
+    train_images, steps = bench.split_sizes()[0], bench.steps()
+    print(f"\nmodel {args.model}; CPU threads: {args.threads}; train split: {train_images} images; "
           f"medians of {args.repeats} interleaved repeats; baseline {baseline}\n")  # fmt: skip
     print(f"| pipeline | s / epoch | ms / step | samples / s | vs {baseline} | fixed cost (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in variants:
         epoch = statistics.median(marginal[name])
-        print(f"| {name} | {epoch:.2f} | {epoch / STEPS * 1000:.2f} | {TRAIN_IMAGES / epoch:,.0f} | "
+        print(f"| {name} | {epoch:.2f} | {epoch / steps * 1000:.2f} | {train_images / epoch:,.0f} | "
               f"{base / epoch:.2f}x | {statistics.median(fixed[name]):.1f} |")  # fmt: skip
     if {"aevae", "untracked"} <= set(variants):
         tracked, untracked = statistics.median(marginal["aevae"]), statistics.median(marginal["untracked"])
         print(f"\ntracking cost per epoch: {100 * (tracked / untracked - 1):+.1f}%")
-        print(f"aevae's cost per step (untracked - {baseline}): {(untracked - base) / STEPS * 1000:+.2f} ms")
+        print(f"aevae's cost per step (untracked - {baseline}): {(untracked - base) / steps * 1000:+.2f} ms")
     print(f"`aevae train` start-up to first step (upper bound, 1-step run): {startup_seconds(args):.1f} s")
 
 
