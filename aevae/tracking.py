@@ -299,3 +299,20 @@ def close_run(client: Any, run_id: str, error: BaseException | None) -> str:
         client.set_tag(run_id, "failure_reason", mask_secrets(f"{type(error).__name__}: {error}")[:4000])
     client.set_terminated(run_id, status=status)
     return status
+
+
+def wait_out_http_outages(wait_s: float) -> None:
+    """Have MLflow's HTTP client retry a server that fails (5xx while its database is away) or does not answer
+    for at least wait_s, with its own backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES/_BACKOFF_FACTOR, set in the
+    environment so that worker processes inherit them); values the user set win."""
+    from urllib3.util.retry import Retry
+
+    factor = float(os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2"))
+    if "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ:
+        return
+    retries, waited, retry = 0, 0.0, Retry(total=10, backoff_factor=factor)
+    while waited < wait_s and retries < 10:  # MLflow caps retries at 10
+        retry = retry.increment("GET", "/", error=ConnectionError())
+        waited += retry.get_backoff_time()
+        retries += 1
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)

@@ -24,7 +24,8 @@ def run_sweep(sweep: Sweep) -> optuna.Study:
     """Create or resume the study, run the workers, then record the result on the parent run."""
     from mlflow import MlflowClient
 
-    storage = open_storage(sweep.storage)  # an unreachable storage fails before the MLflow store is touched
+    tracking.wait_out_http_outages(sweep.outage_wait)  # before the workers start: they inherit it
+    storage = open_storage(sweep.storage, outage_wait=sweep.outage_wait)  # unreachable: fails before MLflow is touched
     with machine_lock(sweep.tracking_uri):  # sweeps started at once on a fresh store: one creates its tables
         client = MlflowClient(tracking.open_store(sweep.tracking_uri))
     study, parent_run_id = open_study(sweep, storage, client)

@@ -20,7 +20,7 @@ from aevae.sweep.space import (
 
 SWEEP_KEYS = (
     "study", "experiment", "overrides", "space", "objectives", "n_trials", "timeout",
-    "sampler", "pruner", "storage", "heartbeat_interval", "grace_period",
+    "sampler", "pruner", "storage", "heartbeat_interval", "grace_period", "outage_wait",
 )  # fmt: skip
 # What run_training puts in TrainingResult.metrics: per-epoch metrics per stage, then the latent analysis.
 EPOCH_METRICS = ("loss", "recon", "kl", "nelbo", "active_units")
@@ -56,6 +56,7 @@ class Sweep:
     experiment: str  # MLflow experiment
     workers: int
     gpus: tuple[str, ...] | None = None  # physical GPU ids the workers are pinned to, round-robin (None: no pinning)
+    outage_wait: float = 120.0  # seconds workers wait for a tracking server or study storage that went away
 
 
 @cache
@@ -235,6 +236,7 @@ def load_sweep(
     grace = _number(raw, "grace_period", int, 1) or 6 * heartbeat
     if grace <= heartbeat:
         raise UsageError(f"grace_period: must be longer than heartbeat_interval ({heartbeat}s), got {grace}")
+    outage_wait = _number(raw, "outage_wait", float, 1) or 120.0
     name = check_study_name(str(study or raw.get("study") or Path(path).stem), "--study" if study else "study")
     tracking_uri = tracking.validate_tracking_uri(base.tracking.uri or tracking.default_tracking_uri())
     return Sweep(
@@ -255,4 +257,5 @@ def load_sweep(
         experiment=base.tracking.experiment,
         workers=workers,
         gpus=None if gpus is None else tuple(gpus),
+        outage_wait=outage_wait,
     )

@@ -12,12 +12,13 @@ from urllib.parse import urlsplit
 
 import optuna
 import sqlalchemy
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
 from aevae import tracking, training
 from aevae.errors import UsageError
 from aevae.sweep.config import Sweep
+from aevae.sweep.patience import DEFAULT_OUTAGE_WAIT_S, PatientStorage
 from aevae.sweep.space import build_pruner
 
 MAX_RETRY = 2  # a trial whose worker dies is re-queued at most this often
@@ -39,8 +40,10 @@ def open_storage(
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
     stale_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-) -> RDBStorage:
-    """Optuna's RDB storage (heartbeats need it); a URL it cannot open is a UsageError before anything is created."""
+    outage_wait: float = DEFAULT_OUTAGE_WAIT_S,
+) -> PatientStorage:
+    """Optuna's RDB storage (heartbeats need it), riding out a database outage of up to outage_wait seconds;
+    a URL it cannot open is a UsageError before anything is created."""
     scheme = urlsplit(url).scheme.split("+")[0]
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
@@ -48,9 +51,9 @@ def open_storage(
     connect_args = {"sqlite": {"timeout": 60}, "postgresql": {"connect_timeout": 10}}.get(scheme, {})
     for attempt in range(1, 6):
         try:
-            storage = RDBStorage(
+            storage = PatientStorage(
                 url,
-                engine_kwargs={"connect_args": connect_args},
+                engine_kwargs={"connect_args": connect_args, "pool_pre_ping": True},  # restarted server: fresh connections
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=stale_callback,
@@ -62,6 +65,7 @@ def open_storage(
                 time.sleep(attempt)
                 continue
             raise UsageError(f"storage: cannot open {tracking.mask_secrets(url)} ({training.one_line(err)})") from err
+    storage.outage_wait = outage_wait
     if scheme == "sqlite":
         sqlalchemy.event.listen(storage.engine, "connect", _write_ahead_log)
         storage.engine.dispose()  # the connection that created the tables goes; new ones get the pragmas
@@ -123,7 +127,7 @@ def load_study(sweep: Sweep) -> optuna.Study:
     stale = partial(
         requeue, tracking_uri=sweep.tracking_uri, reason=f"worker died (no heartbeat for {sweep.grace_period}s)"
     )
-    storage = open_storage(sweep.storage, sweep.heartbeat_interval, sweep.grace_period, stale)
+    storage = open_storage(sweep.storage, sweep.heartbeat_interval, sweep.grace_period, stale, sweep.outage_wait)
     return optuna.load_study(study_name=sweep.study, storage=storage, pruner=build_pruner(sweep.pruner))
 
 
@@ -153,7 +157,7 @@ def _create_parent_run(client: Any, sweep: Sweep) -> str:
     return run.info.run_id
 
 
-def open_study(sweep: Sweep, storage: RDBStorage, client: Any) -> tuple[optuna.Study, str]:
+def open_study(sweep: Sweep, storage: PatientStorage, client: Any) -> tuple[optuna.Study, str]:
     """Create the study and its parent run, or resume both (same space and objectives) after a stop."""
     directions = [o.direction for o in sweep.objectives]
     try:
