@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,11 +12,13 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.request import urlopen
 
+import optuna
 import pytest
 import yaml
 from conftest import REPO, cli_env, free_port, new_database, run_aevae
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from optuna.trial import TrialState
 
 ADMIN, PASSWORD = "admin", "s3cr3t-Pa55word-for-tests"
 LOGIN = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
@@ -89,6 +92,11 @@ def test_a_two_worker_sweep_and_a_reproduction_land_on_the_server(server, admin,
         assert (Path(server["artifacts"]) / experiment.experiment_id / run.info.run_id / "artifacts" / "config.yaml").is_file()
         logged = [*run.data.params.values(), *run.data.tags.values()]
         assert not [value for value in logged if PASSWORD in value]
+
+    best = run_aevae("best", "--study", "tiny", "--storage", postgres_url, cwd=tmp_path, env=LOGIN, timeout=120)
+    assert best.returncode == 0, best.stderr[-3000:]
+    named = re.findall(r"MLflow run (\w+)", best.stdout)  # the best trials' runs
+    assert named and set(named) <= {run.info.run_id for run in trials}, best.stdout
 
     reproduced = run_aevae("reproduce", "--study", "tiny", "--storage", postgres_url, "--tracking-uri", server["url"],
                            "--register-as", "tiny-vae", cwd=tmp_path, env=LOGIN, timeout=300)  # fmt: skip
@@ -178,3 +186,69 @@ def test_a_sigkilled_workers_run_is_closed_on_the_server(server, admin, postgres
     trials = [run for run in admin.search_runs([experiment.experiment_id]) if "optuna.trial" in run.data.tags]
     assert len([run for run in trials if run.info.status == "FINISHED"]) >= 2  # the study's two trials, done
     assert not admin.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+
+
+OUTAGE_S = 12  # the code waits up to outage_wait (default 120 s); the test keeps it short
+
+
+def test_a_sweep_rides_out_its_database_going_away(server, admin, postgres, postgres_url, tmp_path):
+    """PostgreSQL (the server's store and the study's) stops while both workers train, and comes back."""
+    overrides = {**TINY_SWEEP["overrides"], "tracking.uri": server["url"], "trainer.max_epochs": 4,
+                 "trainer.limit_train_batches": 8, "tracking.log_checkpoints": "none", "tracking.experiment": "outage"}  # fmt: skip
+    config = {**TINY_SWEEP, "overrides": overrides, "outage_wait": 60}  # two trials, one per worker
+    (tmp_path / "outage.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "aevae", "sweep", "--config", "outage.yaml", "--workers", "2", "--storage", postgres_url]
+    log = (tmp_path / "sweep.log").open("w")
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=cli_env(LOGIN), stdout=log, stderr=subprocess.STDOUT)
+    experiment, deadline = None, time.monotonic() + 300
+    while sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        experiment = experiment or admin.get_experiment_by_name("outage")
+        if experiment and len(admin.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")) == 3:
+            break  # the parent and both workers' trials are running
+    assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+    postgres.stop()
+    try:
+        time.sleep(OUTAGE_S)
+        assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]  # still waiting, not failed
+    finally:
+        postgres.start()
+    assert sweep.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    output = (tmp_path / "sweep.log").read_text()
+    assert "unreachable, retrying for up to 60 s" in output and "Traceback" not in output, output[-3000:]
+    study = optuna.load_study(study_name="outage", storage=postgres_url)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2  # none lost, failed or re-run
+    runs = admin.search_runs([experiment.experiment_id])
+    assert len(runs) == 3 and {run.info.status for run in runs} == {"FINISHED"}  # the parent and both trials
+
+
+def test_train_analyze_and_compare_work_against_the_server(server, admin, tmp_path) -> None:
+    """Each command with the server's URL as its tracking URI; what it logged read back over HTTP."""
+    tiny = ["--model.init_args.hidden_dims", "[32]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+            "--analysis.sample_size", "300", "--analysis.umap", "false", "--tracking.uri", server["url"]]  # fmt: skip
+    trained = run_aevae("train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), *tiny,
+                        "--tracking.experiment", "commands", cwd=tmp_path, env=LOGIN, timeout=300)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (run,) = admin.search_runs([admin.get_experiment_by_name("commands").experiment_id])
+    assert run.info.status == "FINISHED" and "val/nelbo" in run.data.metrics
+    logged = {a.path for path in ("", "checkpoints", "latent") for a in admin.list_artifacts(run.info.run_id, path)}
+    assert {"config.yaml", "checkpoints/best.ckpt", "latent/pca.png"} <= logged
+    before = len(admin.get_metric_history(run.info.run_id, "silhouette_pca"))
+
+    analyzed = run_aevae("analyze", "--run-id", run.info.run_id, "--tracking-uri", server["url"], "--sample_size", "300",
+                         cwd=tmp_path, env=LOGIN, timeout=300)  # fmt: skip
+    assert analyzed.returncode == 0, analyzed.stderr[-3000:]
+    assert len(admin.get_metric_history(run.info.run_id, "silhouette_pca")) == before + 1  # its new analysis
+    assert admin.get_run(run.info.run_id).info.status == "FINISHED"
+
+    compared = run_aevae("compare", "--config", str(REPO / "experiments" / "ae_vs_vae_demo.yaml"), *tiny,
+                         "--compare.seeds", "[0]", "--compare.output_dir", str(tmp_path / "out"),
+                         "--fit.checkpoint_dir", str(tmp_path / "ckpt"), cwd=tmp_path, env=LOGIN, timeout=400)  # fmt: skip
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    runs = admin.search_runs([admin.get_experiment_by_name("ae-vs-vae-demo").experiment_id])
+    (parent,) = [r for r in runs if "compare" in r.data.tags]
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # the parent, an AE and a VAE
+    table = admin.download_artifacts(parent.info.run_id, "compare/scores.csv", str(tmp_path))
+    assert "vae" in Path(table).read_text().lower()
+    assert {"compare/ae_vs_vae.png", "compare/scores.md"} <= {a.path for a in admin.list_artifacts(parent.info.run_id, "compare")}
+    assert PASSWORD not in trained.stdout + trained.stderr + analyzed.stdout + analyzed.stderr + compared.stdout + compared.stderr
