@@ -8,7 +8,8 @@ an MLflow run (run_training) and as a sweep trial (MLflow and Optuna): the diffe
 With --server, the same trials are also trained as MLflow runs through a local `mlflow server` (SQLite backend,
 proxied artifacts, on 127.0.0.1), interleaved with the rest: tracking through a server against the local store.
 
-Torch is pinned to --threads threads (the machine is shared). Run: `python benchmarks/sweep.py`.
+Torch is pinned to --threads threads (the machine is shared). Run: `python benchmarks/sweep.py`; only the
+tracking costs, server included: `python benchmarks/sweep.py --overhead-only --server --trials 7 --overhead-trials 7`.
 """
 
 from __future__ import annotations
@@ -135,7 +136,12 @@ def overhead(config: sweep.Sweep, trials: list, server: str | None = None) -> di
         study.enqueue_trial(trial.params)
         objective = partial(sweep.objective, sweep=config, parent_run_id=parent)
         times["MLflow + Optuna"].append(seconds(lambda: study.optimize(objective, n_trials=1)))
-    return {name: tuple(statistics.median(column) for column in zip(*values)) for name, values in times.items()}
+    medians = {name: tuple(statistics.median(column) for column in zip(*values)) for name, values in times.items()}
+    if server:  # paired: each trial through the server against the same trial in the local store, run beside it
+        pairs = list(zip(times["MLflow via server"], times["MLflow"]))
+        medians["server - local store"] = tuple(statistics.median(s[i] - l[i] for s, l in pairs) for i in (0, 1))
+    print("wall, CPU seconds per trial, in order:", {name: [f"{w:.2f}, {c:.2f}" for w, c in v] for name, v in times.items()})
+    return medians
 
 
 def main() -> None:
@@ -145,13 +151,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--overhead-trials", type=int, default=5, help="completed trials trained again three ways")
     parser.add_argument("--server", action="store_true", help="also train them as runs through a local MLflow server")
+    parser.add_argument("--overhead-only", action="store_true", help="skip the pruner comparison (one unpruned sweep)")
     args = parser.parse_args()
+    pruners = {"none": PRUNERS["none"]} if args.overhead_only else PRUNERS
     torch.set_num_threads(args.threads)
     rows, unpruned = [], None
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "warm-up").mkdir()
         run_sweep(Path(tmp) / "warm-up", "none", 1, 1)  # first data load, store creation, plot imports
-        for name, pruner in PRUNERS.items():
+        for name, pruner in pruners.items():
             folder = Path(tmp) / name
             folder.mkdir()
             config, study, (wall, cpu) = run_sweep(folder, pruner, args.trials, args.epochs)
@@ -179,8 +187,14 @@ def main() -> None:
     print("| trial trained as | wall (s) | CPU (s) | overhead: wall | overhead: CPU |")
     print("|---|---:|---:|---:|---:|")
     wall0, cpu0 = medians["untracked"]
+    difference = medians.pop("server - local store", None)
     for name, (wall, cpu) in medians.items():
         print(f"| {name} | {wall:.2f} | {cpu:.2f} | {(wall - wall0) / wall:.1%} | {(cpu - cpu0) / cpu:.1%} |")
+    if difference:
+        local_wall, local_cpu = medians["MLflow"]
+        print(f"\nthrough the server instead of the local SQLite store (median of paired differences): "
+              f"{difference[0]:+.2f} s wall ({difference[0] / local_wall:+.1%} of a trial), "
+              f"{difference[1]:+.2f} s CPU ({difference[1] / local_cpu:+.1%}); target < 5% of wall")
 
 
 if __name__ == "__main__":
