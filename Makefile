@@ -36,8 +36,9 @@ MUTATED := "aevae.models.x_reconstruction_nll*" "aevae.models.x_gaussian_kl_per_
 	"aevae.models.xǁLatentAutoencoderǁ_log_epoch*" "aevae.analysis.x_silhouette*" "aevae.analysis.x_sample_index*" \
 	"aevae.analysis.x_probe_scores*" "aevae.analysis.x_kl_scores*" "aevae.compare.x_mean_std*" \
 	"aevae.compare.x_paired_p*" "aevae.compare.x_score_table*"
+# OMP_NUM_THREADS=1: torch's OpenMP pool does not survive the fork of mutmut's workers (they hung at 0% CPU).
 mutation: install
-	nice -n 5 $(BIN)/mutmut run --max-children 2 $(MUTATED)
+	OMP_NUM_THREADS=1 nice -n 5 $(BIN)/mutmut run --max-children 2 $(MUTATED)
 	$(BIN)/mutmut results
 
 # Record mlruns/ in mlruns.dvc and push it to the default DVC remote (refused while anything writes to it).

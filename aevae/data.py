@@ -358,10 +358,20 @@ class ImageDataModule(pl.LightningDataModule):
             data,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=self._unrepeated(data) if distributed and not shuffle else None,
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _unrepeated(self, data: InMemoryImages) -> Any:
+        """val/test shards under DDP that hold each image once. Lightning's DistributedSampler would pad a split
+        that does not divide by the world size with repeated images, and every val/test mean would count them.
+        Ranks may then run one batch fewer; that is safe, since evaluation syncs no DDP buffers after its first
+        batch and the epoch sums meet only at the epoch's end."""
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        return UnrepeatedDistributedSampler(data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
 
     def train_dataloader(self) -> IndexBatches | DataLoader:
         return self._loader("train", shuffle=True)

@@ -46,12 +46,32 @@ def scale_batch(
     return global_batch // target_world, lr
 
 
+def keep_step_records_per_rank(module: torch.nn.Module) -> None:
+    """Keep each rank's own step record (the buffers of its StepRecord: the epoch's train sums, skips, divergence)
+    out of DDP's buffer broadcast. DDP would copy rank 0's into every rank at each training forward, and the
+    train/* epoch means, summed over ranks, would count rank 0's batches on every rank and lose the others'."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from aevae.steps import StepRecord
+
+    names = [
+        f"{prefix}.{buffer}" for prefix, sub in module.named_modules() if isinstance(sub, StepRecord)
+        for buffer, _ in sub.named_buffers()
+    ]  # fmt: skip
+    ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored + names)
+
+
 class RankAgreement(pl.Callback):
     """With more than one process, measure at the end of fit that every rank saw the same validation loss each epoch
     and holds the same weights; rank 0 logs both spreads (0 when DDP works) and the world size."""
 
     def __init__(self) -> None:
         self.val_loss_spread = 0.0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:  # before the strategy wraps the model in DDP
+            keep_step_records_per_rank(pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size == 1 or trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 
 from aevae.analysis import Codes, kl_scores, probe_scores
@@ -17,7 +18,7 @@ from aevae.checkpoints import read_checkpoint
 from aevae.compare import mean_std, paired_p, score_table
 from aevae.batches import InMemoryImages
 from aevae.data import ImageDataModule
-from aevae.models import VAE, gaussian_kl_per_dim, reconstruction_nll
+from aevae.models import AE, VAE, gaussian_kl_per_dim, reconstruction_nll
 from aevae.training import parse_config, run_training
 from conftest import REPO
 
@@ -252,3 +253,101 @@ def test_score_table_leaves_a_score_one_variant_lacks_unpaired() -> None:
     assert units["ae_mean"] is None and units["vae_mean"] == 4.0
     assert units["vae-ae_mean"] is None and units["vae-ae_std"] is None and units["vae-ae_p"] is None
     assert rows["knn_acc"]["vae-ae_mean"] == 0.0 and rows["knn_acc"]["vae-ae_p"] == 1.0
+
+
+class Remembered(Logger):
+    """A Lightning logger that keeps the names of the metrics sent to it."""
+
+    name, version = "remembered", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: set[str] = set()
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.sent.update(metrics)
+
+
+def test_epoch_metrics_of_uneven_batches_by_hand() -> None:
+    """A small fit (10 / 7 / 1 images in batches of 4: short last batches) whose weights lr 1e-12 holds still, so
+    every train/*, val/* and test/* is the per-image mean of the final weights over its split. Fast: the mutation
+    run's guard of the epoch sums (`_accumulate`, `_log_epoch`)."""
+    torch.manual_seed(0)
+    sizes = {"train": 10, "val": 7, "test": 1}  # a split of one image is still logged
+    data = ImageDataModule(source="mnist-5k", batch_size=4)
+    data.splits = {
+        split: InMemoryImages(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8), torch.zeros(n, dtype=torch.long))
+        for split, n in sizes.items()
+    }
+    model = VAE(latent_dim=3, hidden_dims=[8], sample_latent=False, lr=1e-12)
+    with torch.no_grad():  # the same q(z|x) for every image: KL 1.125, 0.005 (inactive) and 0.153 nats a dimension
+        model.encoder[-1].weight.zero_()
+        model.encoder[-1].bias.copy_(torch.tensor([1.5, 0.1, 0.0, 0.0, 0.0, math.log(2.0)]))
+    model.nonfinite_policy = "skip"  # fit.on_nonfinite skip: train/skipped_batches is logged too (0 here)
+    logger = Remembered()
+    trainer = pl.Trainer(
+        max_epochs=2, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    fitted = dict(trainer.callback_metrics)
+    assert set(trainer.progress_bar_metrics) == {"val_loss"}  # the bar shows val_loss alone, MLflow never
+    assert "val_loss" not in logger.sent and {"val/loss", "train/loss"} <= logger.sent
+    trainer.test(model, datamodule=data, verbose=False)
+    logged = {**fitted, **trainer.callback_metrics}
+    model.eval()
+    expected: dict[str, float] = {}
+    for split in sizes:
+        means = epoch_means(model, data.splits[split].images.float() / 255, batch_size=4)
+        means["bpd"] = means["nelbo"] / (28 * 28 * math.log(2))
+        expected.update({f"{split}/{name}": value for name, value in means.items()})
+    expected["val_loss"] = expected["val/loss"]
+    expected["train/skipped_batches"] = 0.0
+    expected["step"] = 2.0  # trainer.test, after two epochs, logs current_epoch 2
+    assert expected["val/active_units"] == 2.0 and expected["val/kl_dim_1"] == pytest.approx(0.005)
+    assert set(logged) == set(expected)
+    for name, value in expected.items():
+        assert float(logged[name]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert float(fitted["step"]) == 1.0  # the last epoch fitted
+
+
+def test_ae_loss_is_the_mean_bernoulli_nll_by_hand() -> None:
+    torch.manual_seed(0)
+    ae = AE(latent_dim=3, hidden_dims=[8])
+    x = torch.rand(5, 1, 28, 28).double()
+    out = ae(x.float())
+    logits = out.recon_logits.double()
+    # -log p(x|z) summed over pixels: -(x log sigmoid(l) + (1 - x) log(1 - sigmoid(l))), then the batch mean
+    by_hand = -(x * torch.log(torch.sigmoid(logits)) + (1 - x) * torch.log(1 - torch.sigmoid(logits))).sum((1, 2, 3))
+    terms = ae.loss_terms(x.float(), out)
+    assert float(terms.loss) == pytest.approx(float(by_hand.mean()), rel=1e-5)
+    assert float(terms.reconstruction) == pytest.approx(float(by_hand.mean()), rel=1e-5)
+    assert terms.kl.shape == () and float(terms.kl) == 0.0
+    assert torch.equal(terms.kl_per_dim, torch.zeros(3))
+
+
+def test_vae_samples_z_from_its_posterior() -> None:
+    vae = VAE(latent_dim=1, hidden_dims=[4])
+    vae.encoder = FixedPosterior(0.5, math.log(0.25))  # q(z|x) = N(0.5, 0.5^2)
+    torch.manual_seed(0)
+    z = vae(torch.rand(20_000, 1, 28, 28)).z.double()
+    assert float(z.mean()) == pytest.approx(0.5, abs=0.02) and float(z.std()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_vae_training_loss_weighs_kl_by_the_warmup_beta() -> None:
+    """In a training step the KL is weighted by beta now (warm-up); in evaluation by kl_weight."""
+    torch.manual_seed(0)
+    vae = VAE(latent_dim=2, hidden_dims=[8], kl_weight=1.0, sample_latent=False)
+    vae.trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    vae.beta_now.fill_(0.25)
+    with torch.no_grad():
+        vae.encoder[-1].bias[:2].fill_(2.0)  # posterior means near 2: about 4 nats of KL
+    x = torch.rand(6, 1, 28, 28)
+    terms = vae.train().loss_terms(x, vae(x))
+    assert float(terms.loss) == pytest.approx(float(terms.reconstruction + 0.25 * terms.kl), rel=1e-6)
+    terms = vae.eval().loss_terms(x, vae(x))
+    assert float(terms.loss) == pytest.approx(float(terms.reconstruction + terms.kl), rel=1e-6)
+    assert float(terms.kl) > 1.0  # the two weights give losses apart

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import mlflow.pytorch
@@ -11,6 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from aevae.checkpoints import read_checkpoint
 from aevae.cli import main
 from aevae.data import ImageDataModule
 from aevae.distributed import scale_batch, world_size
@@ -37,47 +41,111 @@ def runs(tracking_uri: str) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_ddp_on_two_cpu_processes(tmp_path: Path, tracking_uri: str) -> None:
-    source_id = train_source(tracking_uri, tmp_path, "--model.sample_latent", "false")  # val/loss deterministic
+# Uneven DDP shards: digits 0 and 1 of mnist-5k (809 training images, 191 test), 17 held out for validation. Two
+# ranks of 8 images a batch: val 9 + 8 (rank 0 runs one batch more), test 96 + 95, train 396 + 396 (short last
+# batches). lr 1e-12 holds the weights still (Adam moves each by about lr a step), so every train/* of every epoch
+# is the per-image mean of the final weights over the training split, recomputable by hand.
+UNEVEN = [
+    "--model.hidden_dims", "[16]", "--model.sample_latent", "false", "--model.lr", "1e-12",
+    "--data.classes", "[0, 1]", "--data.val_fraction", "0.021", "--data.batch_size", "16",
+    "--trainer.limit_train_batches", "1.0",
+]  # fmt: skip
+SPLIT_SIZES = {"train": 792, "val": 17, "test": 191}
+
+
+@dataclass
+class DDPRun:
+    tracking_uri: str
+    folder: Path
+    source_id: str
+    run: Any  # the reproduction's MLflow run
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> DDPRun:
+    """A single-device source run, reproduced by `aevae reproduce` on two CPU processes (gloo)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    tracking_uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+    source_id = train_source(tracking_uri, folder, *UNEVEN)
     result = run_aevae(
         "reproduce", "--run-id", source_id, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-        "--tracking-uri", tracking_uri, cwd=tmp_path, timeout=600,
+        "--tracking-uri", tracking_uri, cwd=folder, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     new = [r for r in runs(tracking_uri) if r.info.run_id != source_id]
     assert len(new) == 1  # rank 1 logged nothing of its own
-    run = new[0]
+    return DDPRun(tracking_uri, folder, source_id, new[0])
+
+
+def by_hand(model: VAE, split: str) -> dict[str, float]:
+    """Every `<split>/...` metric as a per-image mean over the split's real images (float64)."""
+    from test_numbers import epoch_means
+
+    data = ImageDataModule(source="mnist-5k", classes=[0, 1], val_fraction=0.021)
+    data.load()
+    images = data.splits[split].images.float() / 255
+    assert len(images) == SPLIT_SIZES[split]
+    means = epoch_means(model, images)
+    means["bpd"] = means["nelbo"] / (28 * 28 * math.log(2))  # Bernoulli: no offset
+    return {f"{split}/{name}": value for name, value in means.items()}
+
+
+def test_ddp_on_two_cpu_processes_with_uneven_shards(ddp_run: DDPRun) -> None:
+    run, client = ddp_run.run, MlflowClient(ddp_run.tracking_uri)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["source_run_id"] == source_id and run.data.tags["reproduction_verdict"]
-    metrics = run.data.metrics
+    assert run.data.tags["source_run_id"] == ddp_run.source_id
     assert run.data.tags["reproduction_verdict"] == "reproduced"
+    metrics = run.data.metrics
     assert metrics["ddp/world_size"] == 2.0
     assert metrics["ddp/val_loss_rank_spread"] == 0.0  # validation metrics synchronised
     assert metrics["ddp/weight_max_abs_diff"] == 0.0  # same weights on both ranks after training
-    assert run.data.params["data.batch_size"] == "64"  # global batch 128 kept: 64 per process
-    client = MlflowClient(tracking_uri)
-    codes = np.load(client.download_artifacts(run.info.run_id, "latent/codes.npz", str(tmp_path)))
-    assert len(codes["labels"]) == 1000  # the whole mnist-5k test split, not one rank's shard
+    assert run.data.params["data.batch_size"] == "8"  # global batch 16 kept: 8 per process
+    codes = np.load(client.download_artifacts(run.info.run_id, "latent/codes.npz", str(ddp_run.folder)))
+    assert len(codes["labels"]) == SPLIT_SIZES["test"]  # the whole test split, not one rank's shard
     assert "reproduction/comparison.md" in {a.path for a in client.list_artifacts(run.info.run_id, "reproduction")}
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(ddp_run.tracking_uri)
     champion = mlflow.pytorch.load_model("models:/aevae-vae@champion")
-    checkpoint = client.download_artifacts(run.info.run_id, "checkpoints/best.ckpt", str(tmp_path))
-    from_checkpoint = VAE.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    checkpoint = client.download_artifacts(run.info.run_id, "checkpoints/best.ckpt", str(ddp_run.folder))
+    best = VAE.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
     images = torch.rand(16, 1, 28, 28)
     with torch.no_grad():
-        assert torch.allclose(champion.encode(images), from_checkpoint.encode(images), atol=1e-6)
+        assert torch.allclose(champion.encode(images), best.encode(images), atol=1e-6)
 
-    # The best checkpoint, evaluated in this one process over the whole validation split (400 images: two
-    # ranks of 200, each 64 + 64 + 64 + 8), gives the val/loss the two processes logged for it.
-    from test_numbers import epoch_means
-
-    data = ImageDataModule(source="mnist-5k")
-    data.setup()
+    # Every train/* and val/* of both epochs, and test/*, recomputed in this one process from the best checkpoint.
+    expected = {**by_hand(best, "train"), **by_hand(best, "val"), **by_hand(best, "test")}
+    logged = [name for name in metrics if name.split("/")[0] in ("train", "val", "test")]
+    assert set(logged) == set(expected)  # no metric left unchecked, none missing
+    for name in logged:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert len(history) == (1 if name.startswith("test/") else 2), name
+        for point in history:
+            assert point.value == pytest.approx(expected[name], rel=1e-5, abs=1e-6), (name, point.step)
     best_epoch = min(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.value).step
-    for name, value in epoch_means(from_checkpoint, data.splits["val"].images.float() / 255).items():
-        (logged,) = [m.value for m in client.get_metric_history(run.info.run_id, f"val/{name}") if m.step == best_epoch]
-        assert logged == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert read_checkpoint(checkpoint)["epoch"] == best_epoch
+
+
+def test_scale_lr_back_to_one_device_keeps_the_batch_and_scales_the_lr(ddp_run: DDPRun) -> None:
+    """The DDP run (2 processes x 8 images, lr 1e-12) reproduced on one device with --scale-lr: batch 8 kept, lr
+    1e-12 * 1 / 2. Without --scale-lr it would be batch 16 and lr 1e-12. Read back from the run, the checkpoint's
+    hyperparameters, its optimizer (the lr Adam used) and its step count (the batch the loader cut)."""
+    ddp_id = ddp_run.run.info.run_id
+    result = run_aevae(
+        "reproduce", "--run-id", ddp_id, "--devices", "1", "--scale-lr", "true", "--max-epochs", "1", "--register-as", "",
+        "--tracking-uri", ddp_run.tracking_uri, cwd=ddp_run.folder,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(ddp_run.tracking_uri)
+    (run,) = [r for r in runs(ddp_run.tracking_uri) if r.data.tags.get("source_run_id") == ddp_id]
+    lr, batch = 1e-12 * 1 / 2, 8
+    assert float(run.data.params["model.lr"]) == lr and run.data.params["data.batch_size"] == str(batch)
+    assert run.data.params["trainer.devices"] == "1"
+    checkpoint = read_checkpoint(client.download_artifacts(run.info.run_id, "checkpoints/best.ckpt", str(ddp_run.folder)))
+    assert checkpoint["hyper_parameters"]["lr"] == lr
+    assert checkpoint["datamodule_hyper_parameters"]["batch_size"] == batch
+    assert [group["lr"] for group in checkpoint["optimizer_states"][0]["param_groups"]] == [lr]
+    assert checkpoint["global_step"] == (checkpoint["epoch"] + 1) * math.ceil(SPLIT_SIZES["train"] / batch)  # 99 an epoch
+    assert run.data.tags["reproduction_verdict"] == "reproduced"
 
 
 def test_one_device_reproduction_is_exact(tmp_path: Path, tracking_uri: str, capsys) -> None:
