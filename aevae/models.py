@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from aevae.errors import UsageError
 from aevae.likelihoods import LIKELIHOODS, Likelihood, bits_per_dim, make_likelihood
 from aevae.networks import ARCHITECTURES, networks
-from aevae.steps import CompiledStep, CudaGraphStep, StepRecord, TrainingSteps
+from aevae.steps import CompiledStep, CudaGraphStep, EagerStep, StepRecord, TrainingSteps
 
 DEFAULT_IMAGE_SHAPE = (1, 28, 28)  # a model built without data (tests, notebooks); training takes the data's
 MAX_LATENT_DIM = 4096
@@ -148,7 +148,7 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
         self.register_buffer("found_inf", torch.zeros(()), persistent=False)  # skip: read by the fused optimizer
         self.nonfinite_policy = "stop"  # the trainer factory sets fit.on_nonfinite here
         self.compile_mode = "none"  # and fit.compile here
-        self.step_runner: CompiledStep | CudaGraphStep | None = None
+        self.step_runner: EagerStep | CompiledStep | CudaGraphStep | None = None
         self.check_every = 1
         self.bar_loss: float | None = None  # the loss the progress bar shows, read every BAR_EVERY steps
         self._beta_filled: float | None = None

@@ -100,6 +100,31 @@ class StepRecord(nn.Module):
         return sums
 
 
+class EagerStep:
+    """forward + loss + backward, then the optimizer's fused step, under manual optimization: the eager step without
+    Lightning's automatic-optimization closure and its bookkeeping, used where nothing needs them."""
+
+    def __init__(self, forward_backward: Callable[[Tensor], Tensor]) -> None:
+        self.forward_backward = forward_backward
+
+    def __call__(self, x: Tensor, optimizer: torch.optim.Optimizer) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(x)
+        optimizer.step()
+        return loss
+
+
+def manual_eager_fits(precision: str, trainer: Any) -> bool:
+    """Whether the eager step can optimize manually: one process, no clipping or accumulation (Lightning's
+    automatic loop does those), and no fp16 loss scaler (it decides steps on the host)."""
+    return (
+        trainer.world_size == 1
+        and precision in CAPTURABLE_PRECISIONS
+        and trainer.accumulate_grad_batches == 1
+        and not trainer.gradient_clip_val
+    )
+
+
 class CompiledStep:
     """forward + loss + backward through `torch.compile` (CPU and GPU), then the optimizer's fused step. Under
     mode ``reduce-overhead`` (CUDA) inductor also records its kernels in CUDA graphs (its cudagraph trees).
@@ -115,12 +140,13 @@ class CompiledStep:
         self.mode = mode
         self.forward_backward = torch.compile(forward_backward, dynamic=False, mode=mode)
 
-    def __call__(self, x: Tensor, optimizer: torch.optim.Optimizer) -> None:
+    def __call__(self, x: Tensor, optimizer: torch.optim.Optimizer) -> Tensor | None:
         optimizer.zero_grad(set_to_none=True)
         if self.mode == "reduce-overhead":  # a new iteration: the last step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        self.forward_backward(x)
+        loss = self.forward_backward(x)
         optimizer.step()
+        return None if self.mode == "reduce-overhead" else loss  # a graph's output is overwritten at the next step
 
 
 class CudaGraphStep:
@@ -194,18 +220,21 @@ class TrainingSteps:
         else:
             super().__setattr__(name, value)
 
-    def configure_step(self, compile_mode: str) -> None:
-        """fit.compile: ``none`` (eager, automatic optimization), ``compile`` (torch.compile of forward, loss and
-        backward), ``reduce-overhead`` (the same, replayed through inductor's CUDA graphs) or ``cudagraph`` (the
-        whole step captured in one CUDA graph); all but the first optimize manually."""
+    def configure_step(self, compile_mode: str, manual_eager: bool = False) -> None:
+        """fit.compile: ``none`` (eager), ``compile`` (torch.compile of forward, loss and backward),
+        ``reduce-overhead`` (the same, replayed through inductor's CUDA graphs) or ``cudagraph`` (the whole step
+        captured in one CUDA graph). All but eager optimize manually; eager too when manual_eager (see
+        manual_eager_fits), else under Lightning's automatic optimization."""
         self.compile_mode = compile_mode
-        self.automatic_optimization = compile_mode == "none"
         runners = {
+            "none": EagerStep,
             "compile": lambda step: CompiledStep(step),
             "reduce-overhead": lambda step: CompiledStep(step, mode="reduce-overhead"),
             "cudagraph": CudaGraphStep,
         }
-        self.step_runner = runners[compile_mode](self._forward_backward) if compile_mode in runners else None
+        manual = compile_mode != "none" or manual_eager
+        self.automatic_optimization = not manual
+        self.step_runner = runners[compile_mode](self._forward_backward) if manual else None
 
     def on_train_start(self) -> None:
         self.record.start(self.global_step)
@@ -217,9 +246,8 @@ class TrainingSteps:
         if beta != self._beta_filled:  # a device write, read inside the (captured) step: never frozen there
             self.beta_now.fill_(beta)
             self._beta_filled = beta
-        if self.step_runner is not None:  # compiled or captured: manual optimization
-            self._run_captured(x)
-            loss = None
+        if self.step_runner is not None:  # manual optimization: eager, compiled or captured
+            loss = self._run_captured(x)  # detached, for callbacks' outputs; None from a CUDA graph
         else:
             terms = self.loss_terms(x, self(x))
             self._found_bad = self.record.update(self._summary(terms), len(x), terms.loss)
@@ -236,16 +264,16 @@ class TrainingSteps:
             self.found_inf.copy_(self._skip_flag(bad).float())
         return terms.loss.detach()
 
-    def _run_captured(self, x: Tensor) -> None:
+    def _run_captured(self, x: Tensor) -> Tensor | None:
         optimizer = self.optimizers()
         if self.nonfinite_policy == "skip":
             optimizer.optimizer.found_inf = self.found_inf  # the fused kernel skips on the device
-        if isinstance(self.step_runner, CompiledStep):
-            self.step_runner(x, optimizer)  # the LightningOptimizer: Lightning counts the step
-            return
+        if not isinstance(self.step_runner, CudaGraphStep):
+            return self.step_runner(x, optimizer)  # the LightningOptimizer: Lightning counts the step
         optimizer._on_before_step()  # the raw optimizer steps inside the graph; count it for Lightning
         self.step_runner(x, optimizer.optimizer)
         optimizer._on_after_step()
+        return None
 
     def _skip_flag(self, loss_bad: Tensor) -> Tensor:
         """fit.on_nonfinite=skip: this step is skipped when its loss or its gradients are not finite (device flag);

@@ -29,7 +29,7 @@ from aevae.checkpoints import (
 )
 from aevae.errors import UsageError, causes
 from aevae.models import LatentAutoencoder
-from aevae.steps import StepLossBar, check_compile, plain_cuda_checks
+from aevae.steps import StepLossBar, check_compile, manual_eager_fits, plain_cuda_checks
 
 MONITOR = "val/loss"
 # Trainer arguments that aevae sets itself (tracking, checkpoints) or that would load arbitrary classes.
@@ -280,7 +280,6 @@ def run_training(
     check_room_for_checkpoints(model, Path(config.fit.checkpoint_dir))
     resume = resume_point(config, model, tracking_uri)
     model.nonfinite_policy = config.fit.on_nonfinite
-    model.configure_step(config.fit.compile)
 
     run_tags = {
         "model_kind": model.kind,
@@ -300,6 +299,8 @@ def run_training(
         run_id=resume.run_id if resume else None,
     )
     trainer = build_trainer(config, logger, callbacks)
+    precision = str(config.trainer.get("precision") or "32-true")
+    model.configure_step(config.fit.compile, manual_eager_fits(precision, trainer))
     client: MlflowClient | None = logger.experiment if trainer.is_global_zero else None
     run_id = logger.run_id if trainer.is_global_zero else None
     error: BaseException | None = None
