@@ -227,3 +227,18 @@ def test_a_step_that_cannot_be_compiled_is_refused_before_any_run(tmp_path: Path
     if db.exists():
         client = MlflowClient(f"sqlite:///{db}")
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_eager_step_optimizes_manually_and_trains_the_same_model_as_lightnings_loop(tmp_path: Path) -> None:
+    """Where nothing needs Lightning's automatic loop, the eager step optimizes manually (fewer host calls a step);
+    a gradient clip it cannot do keeps the automatic loop. A clip far above any gradient norm changes no step, so
+    the two loops must give the same losses, step for step, and the same weights."""
+    args = ["--trainer.max_steps", "60", "--trainer.limit_val_batches", "2", "--model.kl_warmup_epochs", "1"]
+    manual_losses, _, manual = step_losses(small_config(tmp_path / "manual", *args))
+    auto_losses, _, auto = step_losses(small_config(tmp_path / "auto", *args, "--trainer.gradient_clip_val", "1e9"))
+    assert not manual.model.automatic_optimization and auto.model.automatic_optimization
+    assert manual.trainer.global_step == auto.trainer.global_step == 60
+    assert manual_losses == pytest.approx(auto_losses, rel=1e-5)
+    assert manual_losses[-1] < manual_losses[0] - 50  # it trained
+    for name, weight in manual.model.state_dict().items():
+        torch.testing.assert_close(weight, auto.model.state_dict()[name], rtol=1e-4, atol=1e-6)
