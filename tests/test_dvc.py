@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.request import urlopen
 
-from conftest import LATENT_PLOT, REPO, run_aevae
+from conftest import LATENT_PLOT, REPO, cli_env, free_port, run_aevae
 from mlflow import MlflowClient
 
 from aevae import tracking
@@ -33,7 +38,31 @@ def git(*args: str, cwd: Path) -> str:
     return sh("git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args, cwd=cwd)
 
 
+@contextmanager
+def one_machine_server(cwd: Path) -> Iterator[str]:
+    """`aevae server` with its defaults (the SQLite store ./mlruns, artifacts proxied into ./mlruns/artifacts)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "aevae", "server", "--port", str(port), "--workers", "1"],
+                              cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)  # fmt: skip
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    try:
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read() if server.poll() else ""
+            try:
+                urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def test_a_trained_record_survives_a_clone_through_the_default_remote(tmp_path, serve_ui):
+    """Two runs, one written to the local store, one through a one-machine `aevae server` on it: both, with their
+    artifacts, reach a clone through `aevae snapshot` and `dvc pull`."""
     origin, clone = tmp_path / "origin", tmp_path / "clone"  # clones side by side share the default remote
     origin.mkdir()
     git("init", "-q", cwd=origin)
@@ -42,6 +71,10 @@ def test_a_trained_record_survives_a_clone_through_the_default_remote(tmp_path, 
         shutil.copy(REPO / name, origin / name)
     trained = run_aevae("train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), *TINY, cwd=origin)
     assert trained.returncode == 0, trained.stderr[-2000:]
+    with one_machine_server(origin) as server_url:
+        served = run_aevae("train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), *TINY,
+                           "--tracking.uri", server_url, "--tracking.experiment", "served", cwd=origin)  # fmt: skip
+        assert served.returncode == 0, served.stderr[-2000:]
 
     snapshot = run_aevae("snapshot", cwd=origin)
     assert snapshot.returncode == 0, snapshot.stderr
@@ -57,6 +90,12 @@ def test_a_trained_record_survives_a_clone_through_the_default_remote(tmp_path, 
     url = serve_ui(clone)
     client = MlflowClient(url)
     (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    (through_server,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+    assert through_server.info.status == "FINISHED"
+    assert through_server.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: the server wrote them
+    with urlopen(f"{url}/get-artifact?path={LATENT_PLOT}&run_uuid={through_server.info.run_id}", timeout=30) as plot:
+        assert plot.status == 200 and plot.read().startswith(b"\x89PNG\r\n\x1a\n")
+    assert [a.path for a in client.list_artifacts(through_server.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
     assert run.info.run_name == "vae-z4-b1-s0" and run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith((clone / "mlruns" / "artifacts").resolve().as_uri())
     with urlopen(f"{url}/get-artifact?path={LATENT_PLOT}&run_uuid={run.info.run_id}", timeout=30) as plot:
