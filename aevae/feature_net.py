@@ -2,7 +2,8 @@
 
 Inception features do not suit 28x28 grey images, so each data set gets its own small CNN, trained once
 (seeded) on its training images and cached in the tracking store: one run per (source, seed) in the experiment
-``feature-nets``, holding the weights as an artifact and the test accuracy as a metric.
+``feature-nets``, holding the weights as an artifact and the test accuracy as a metric; a net of an older
+``VERSION`` (another architecture or recipe) is not loaded but trained anew.
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ from aevae.data import ImageDataModule
 EXPERIMENT = "feature-nets"
 WEIGHTS = "classifier.pt"
 FEATURES = 128
+VERSION = "2"  # the architecture and recipe: a cached net of another version is not loaded
 EPOCHS = 3
 BATCH_SIZE = 128
+MAX_LR = 3e-3
+SHIFT = 2  # pixels of random translation in training
 
 
 class FeatureNet(nn.Module):
-    """Two conv blocks and a 128-wide dense layer (the features), then 10 logits."""
+    """Two batch-normalised conv blocks and a 128-wide dense layer (the features), then 10 logits."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * 7 * 7, FEATURES), nn.ReLU(),
         )  # fmt: skip
         self.head = nn.Linear(FEATURES, 10)
@@ -54,19 +58,33 @@ class FeatureNet(nn.Module):
         return float((predicted == labels).float().mean())
 
 
+def shifted(images: Tensor, generator: torch.Generator, shift: int = SHIFT) -> Tensor:
+    """Each image translated by its own random whole-pixel offset in [-shift, shift]², zeros shifted in."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift))
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=generator)
+    rows = (dy[:, None] + torch.arange(height))[:, None, :, None].expand(n, 1, height, width + 2 * shift)
+    cropped = padded.gather(2, rows)
+    columns = (dx[:, None] + torch.arange(width))[:, None, None, :].expand(n, 1, height, width)
+    return cropped.gather(3, columns)
+
+
 def train_feature_net(images: Tensor, labels: Tensor, seed: int, epochs: int = EPOCHS) -> FeatureNet:
-    """Adam, cross-entropy, seeded initialisation and batch order."""
+    """Adam with a one-cycle learning rate, cross-entropy, random shifts; seeded initialisation, order and shifts."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = FeatureNet()
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=MAX_LR)
+    steps = epochs * -(-len(images) // BATCH_SIZE)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, MAX_LR, total_steps=steps)
     net.train()
     for _ in range(epochs):
         for index in torch.randperm(len(images), generator=generator).split(BATCH_SIZE):
-            loss = F.cross_entropy(net(images[index]), labels[index])
+            loss = F.cross_entropy(net(shifted(images[index], generator)), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
     return net
 
 
@@ -74,7 +92,8 @@ def cached_run(client: Any, source: str, seed: int) -> Any | None:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return None
-    query = f"tags.source = '{source}' and tags.seed = '{seed}' and attributes.status = 'FINISHED'"
+    query = (f"tags.source = '{source}' and tags.seed = '{seed}' and tags.version = '{VERSION}'"
+             " and attributes.status = 'FINISHED'")  # fmt: skip
     runs = client.search_runs([experiment.experiment_id], query, order_by=["start_time ASC"], max_results=1)
     return runs[0] if runs else None
 
@@ -102,7 +121,7 @@ def train_and_store(client: Any, uri: str, data: ImageDataModule, seed: int) -> 
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     accuracy = net.accuracy(to_float(test.images), test.labels)
     experiment = tracking.experiment_id(client, EXPERIMENT, uri)
-    tags = {"source": data.source, "seed": str(seed)}
+    tags = {"source": data.source, "seed": str(seed), "version": VERSION}
     run_id = client.create_run(experiment, run_name=f"{data.source}-s{seed}", tags=tags).info.run_id
     with tempfile.TemporaryDirectory() as folder:
         torch.save(net.state_dict(), Path(folder) / WEIGHTS)

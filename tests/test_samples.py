@@ -65,17 +65,19 @@ def test_aevae_samples_logs_scores_and_trains_the_classifier_once(vae_run, capsy
     from aevae.cli import main
 
     run_id, uri = vae_run
+    client = MlflowClient(uri)
+    old = client.create_run(client.create_experiment("feature-nets"), tags={"source": "mnist-5k", "seed": "0"})
+    client.set_terminated(old.info.run_id)  # a net of the first version (no weights here): not to be loaded
     for _ in range(2):
         assert main(["samples", "--run-id", run_id, "--n", "300", "--tracking-uri", uri]) == 0
     assert "prior/fd=" in capsys.readouterr().out
-    client = MlflowClient(uri)
     metrics = client.get_run(run_id).data.metrics
     for sampler in ("prior", "gmm"):
         assert metrics[f"samples/{sampler}/fd"] > metrics["samples/test_fd_half"] >= 0
         assert 0 <= metrics[f"samples/{sampler}/precision"] <= 1 and 0 <= metrics[f"samples/{sampler}/recall"] <= 1
     assert metrics["samples/classifier_test_acc"] > 0.9
     nets = client.search_runs([client.get_experiment_by_name("feature-nets").experiment_id])
-    assert len(nets) == 1  # cached: the second call loaded it
+    assert len(nets) == 2  # the old version's and one new: the second call loaded the new one
     assert {item.path for item in client.list_artifacts(run_id, "samples")} == {"samples/prior.png", "samples/gmm.png"}
 
 
@@ -89,3 +91,17 @@ def test_bad_samples_input_is_one_line_exit_2_and_writes_nothing(vae_run, tmp_pa
     done = run_aevae("samples", "--run-id", run_id, *extra, "--tracking-uri", uri, cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
     assert (client.get_run(run_id).data.metrics, client.list_artifacts(run_id), len(client.search_experiments())) == before
+
+
+def test_shifted_images_keep_their_content_and_are_seeded() -> None:
+    from aevae.feature_net import shifted
+
+    images = torch.zeros(200, 1, 28, 28)
+    images[:, :, 12:16, 12:16] = torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.1
+    moved = shifted(images, torch.Generator().manual_seed(1), shift=2)
+    assert torch.equal(moved, shifted(images, torch.Generator().manual_seed(1), shift=2))
+    assert torch.allclose(moved.sum((1, 2, 3)), images.sum((1, 2, 3)))  # a central blob is moved, not cut
+    rows = moved.sum((1, 3)).nonzero()[:, 1].view(200, 4)[:, 0] - 12  # each image's vertical offset
+    assert set(rows.tolist()) == {-2, -1, 0, 1, 2}  # every offset in range, no other
+    for image, original, offset in zip(moved, images, rows):
+        assert torch.allclose(image.sum(2)[0, 12 + offset : 16 + offset], original.sum(2)[0, 12:16])
