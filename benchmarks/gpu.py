@@ -366,7 +366,7 @@ def sweep_minutes(args: argparse.Namespace, workers: int, folder: Path, budget: 
     experiment = REPO / "experiments" / "vae_mnist.yaml"
     text = SWEEP_YAML.format(experiment=experiment, epochs=args.sweep_epochs, accelerator=accelerator, root=args.root)
     if args.limit_batches:
-        limits = f"  trainer.limit_train_batches: {args.limit_batches}\n  trainer.limit_val_batches: {args.limit_batches}\n"
+        limits = "".join(f"  trainer.limit_{split}_batches: {args.limit_batches}\n" for split in ("train", "val"))
         text = text.replace("space:\n", limits + "space:\n")
     config.write_text(text)
     start = time.perf_counter()
@@ -374,7 +374,8 @@ def sweep_minutes(args: argparse.Namespace, workers: int, folder: Path, budget: 
         done = subprocess.run(
             [sys.executable, "-m", "aevae", "sweep", "--config", str(config), "--workers", str(workers),
              "--study", f"gpu-bench-{workers}"],
-            cwd=folder, capture_output=True, text=True, env=child_env(), timeout=max(30.0, budget.end - time.monotonic() + 60),
+            cwd=folder, capture_output=True, text=True, env=child_env(),
+            timeout=max(30.0, budget.end - time.monotonic() + 60),
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         print(f"sweep with {workers} workers: timed out", flush=True)
@@ -399,7 +400,8 @@ def print_table(args: argparse.Namespace, results: dict[str, list[dict]]) -> Non
         first = statistics.median(r["epochs"][0] for r in runs)
         syncs = runs[-1].get("syncs", float("nan"))
         ratio = f"{base / epoch:.2f}x" if base else "-"
-        print(f"| {name} | {epoch:.3f} | {TRAIN_IMAGES / epoch:,.0f} | {ratio} | {first:.1f} | {syncs:.2f} | {len(runs)} |")
+        print(f"| {name} | {epoch:.3f} | {TRAIN_IMAGES / epoch:,.0f} | {ratio} | {first:.1f} | {syncs:.2f} "
+              f"| {len(runs)} |")  # fmt: skip
 
 
 def print_sweeps(sweeps: dict[int, float | None]) -> None:
@@ -455,7 +457,8 @@ def main() -> None:
             result = child(name, args, budget)
             if result:
                 results[name].append(result)
-                print(f"repeat {repeat} {name:<22} epochs {' '.join(f'{t:.3f}' for t in result['epochs'])} s", flush=True)
+                epochs = " ".join(f"{t:.3f}" for t in result["epochs"])
+                print(f"repeat {repeat} {name:<22} epochs {epochs} s", flush=True)
         if repeat == 0:  # the sweeps before further repeats, so a short budget still measures them
             sweeps = {n: sweep_minutes(args, n, folder, budget) for n in args.sweep_workers}
     print("\n| mode | steps | worst relative loss difference from eager | verdict |\n|---|---:|---:|---|")

@@ -3,8 +3,9 @@
 The same VAE (`--model mlp`: 784-512-256-20; `--model tiny`: 784-16-2, where the arithmetic is negligible and the
 per-step overhead is all that is left), batch 128, Adam 1e-3, the full MNIST train split (54,000 images) with a
 validation pass each epoch; or `--model conv32`: a conv VAE (stride-2 stages 32-64-128, dense 256, latent 64,
-discretized logistic likelihood) on 8,000 32x32 RGB images from an .npz (MNIST digits padded and tinted, written
-by this script: 6,480 train, 720 validation). Trained these ways, interleaved, `--repeats` times each:
+discretized logistic likelihood) on 24,000 32x32 RGB images from an .npz (MNIST digits padded and tinted, written
+by this script: 19,440 train, 2,160 validation, 2,400 held out as test). Trained these ways, interleaved,
+`--repeats` times each:
 
   hand        a plain PyTorch loop over aevae's VAE class: in-memory tensors, index slices, torch.optim.Adam
   hand-fused  the same loop with the fused Adam kernel that aevae uses: the baseline (1.00x)
@@ -67,7 +68,7 @@ class Bench:
 MODELS = {
     "mlp": Bench(20, [512, 256]),
     "tiny": Bench(2, [16]),
-    "conv32": Bench(64, [32, 64, 128, 256], "conv", "logistic", npz_images=8000),
+    "conv32": Bench(64, [32, 64, 128, 256], "conv", "logistic", npz_images=24000),
 }
 DEFAULT_VARIANTS = ["hand", "hand-fused", "aevae", "untracked", "compiled", "tutorial"]
 
