@@ -214,3 +214,58 @@ def small_mnist(tmp_path: Path) -> Path:
         write_idx(raw / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(raw / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return raw
+
+
+# --- a real browser ------------------------------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian's; nothing downloads
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+)  # fmt: skip
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator:
+    """Headless Chromium driven by Selenium (Debian's chromium and chromium-driver)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert CHROMIUM.is_file() and CHROMEDRIVER.is_file(), "Debian's chromium and chromium-driver: make system-deps"
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def see_the_latent_plot(browser, wait) -> None:
+    """On a run's page: its metrics, then the Artifacts tab down to the latent plot, which must load (HTTP 200)."""
+    from selenium.webdriver.common.by import By
+
+    wait.until(lambda d: d.find_element(By.XPATH, "//*[normalize-space(text())='val/loss']"))  # the run's metrics
+    for label in ("Artifacts", *LATENT_PLOT.split("/")):  # the tab, the folder, the file
+        _click_text(wait, label)
+    plot = wait.until(lambda d: _loaded_image(d.find_elements(By.CSS_SELECTOR, "img[src^='blob:']"), d))
+    assert browser.execute_script("return arguments[0].naturalWidth", plot) > 100  # the logged PCA plot
+    fetched = browser.execute_script(
+        "return performance.getEntriesByType('resource').filter(e => e.name.includes('get-artifact'))"
+        ".map(e => [decodeURIComponent(e.name), e.responseStatus])"
+    )
+    assert any(f"path={LATENT_PLOT}" in name for name, _ in fetched), fetched
+    assert all(status == 200 for _, status in fetched), fetched
+
+
+def _click_text(wait, text: str) -> None:
+    """Click the visible element showing text (the page may also hold hidden copies of it, e.g. a tooltip)."""
+    from selenium.webdriver.common.by import By
+
+    xpath = f"//*[normalize-space(text())='{text}']"
+    wait.until(lambda d: next((e for e in d.find_elements(By.XPATH, xpath) if e.is_displayed()), None)).click()
+
+
+def _loaded_image(images: list, driver):
+    return next((i for i in images if driver.execute_script("return arguments[0].naturalWidth > 0", i)), None)

@@ -53,21 +53,21 @@ def test_quiet_prints_only_the_result(tmp_path: Path) -> None:
 
 def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path: Path) -> None:
     train = subprocess.Popen(
-        [sys.executable, "-m", "aevae", *TRAIN, "--trainer.max_epochs", "1000"],
+        [sys.executable, "-m", "aevae", *TRAIN, "--trainer.max_epochs", "100000"],  # never ends by itself
         cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     store = tmp_path / "mlruns" / "mlflow.db"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and train.poll() is None:  # interrupt once an epoch has been logged
+    deadline, logged = time.monotonic() + 240, 0
+    while not logged and time.monotonic() < deadline and train.poll() is None:  # interrupt once an epoch is logged
         time.sleep(0.5)
         try:
-            with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
-                if db.execute("select count(*) from metrics where key = 'val/loss'").fetchone()[0]:
-                    break
-        except sqlite3.Error:
+            with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30) as db:
+                logged = db.execute("select count(*) from metrics where key = 'val/loss'").fetchone()[0]
+        except sqlite3.Error:  # not created yet, or its tables not yet
             continue
     train.send_signal(signal.SIGINT)
     out, err = train.communicate(timeout=120)
+    assert logged, f"no epoch logged within 240 s: {err[-3000:]}"
     assert train.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "aevae: interrupted" and "Traceback" not in err, err[-3000:]
     client = MlflowClient(f"sqlite:///{store}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -15,10 +16,12 @@ from urllib.request import urlopen
 import optuna
 import pytest
 import yaml
-from conftest import REPO, cli_env, free_port, new_database, run_aevae
+from conftest import REPO, cli_env, free_port, new_database, run_aevae, see_the_latent_plot
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 ADMIN, PASSWORD = "admin", "s3cr3t-Pa55word-for-tests"
 LOGIN = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
@@ -222,8 +225,26 @@ def test_a_sweep_rides_out_its_database_going_away(server, admin, postgres, post
     assert len(runs) == 3 and {run.info.status for run in runs} == {"FINISHED"}  # the parent and both trials
 
 
-def test_train_analyze_and_compare_work_against_the_server(server, admin, tmp_path) -> None:
-    """Each command with the server's URL as its tracking URI; what it logged read back over HTTP."""
+def see_it_in_a_browser(browser, url: str, run) -> None:
+    """What a person sees: refused without a login; logged in, the experiment's runs table (the model-training
+    view, not the GenAI one) with the run, then its metrics and its latent plot among the artifacts."""
+    runs_page = f"{url}/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning"
+    browser.get(runs_page)
+    assert browser.execute_script("return performance.getEntriesByType('navigation')[0].responseStatus") == 401
+    token = base64.b64encode(f"{ADMIN}:{PASSWORD}".encode()).decode()
+    browser.execute_cdp_cmd("Network.enable", {})  # the header a browser sends once the user has typed the login
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+    browser.get(runs_page)
+    wait = WebDriverWait(browser, 90)
+    link = wait.until(lambda d: d.find_element(By.LINK_TEXT, run.info.run_name))  # a row of the runs table
+    assert link.find_elements(By.XPATH, "./ancestor::*[@role='row']")
+    link.click()
+    see_the_latent_plot(browser, wait)
+
+
+def test_train_analyze_and_compare_work_against_the_server(server, admin, browser, tmp_path) -> None:
+    """Each command with the server's URL as its tracking URI; what it logged read back over HTTP, and the trained
+    run seen in a real browser that logs in."""
     tiny = ["--model.init_args.hidden_dims", "[32]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
             "--analysis.sample_size", "300", "--analysis.umap", "false", "--tracking.uri", server["url"]]  # fmt: skip
     trained = run_aevae("train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), *tiny,
@@ -233,6 +254,7 @@ def test_train_analyze_and_compare_work_against_the_server(server, admin, tmp_pa
     assert run.info.status == "FINISHED" and "val/nelbo" in run.data.metrics
     logged = {a.path for path in ("", "checkpoints", "latent") for a in admin.list_artifacts(run.info.run_id, path)}
     assert {"config.yaml", "checkpoints/best.ckpt", "latent/pca.png"} <= logged
+    see_it_in_a_browser(browser, server["url"], run)
     before = len(admin.get_metric_history(run.info.run_id, "silhouette_pca"))
 
     analyzed = run_aevae("analyze", "--run-id", run.info.run_id, "--tracking-uri", server["url"], "--sample_size", "300",

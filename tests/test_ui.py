@@ -3,42 +3,19 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
-from typing import Iterator
 
 import pytest
-from conftest import LATENT_PLOT, REPO, run_aevae
+from conftest import REPO, run_aevae, see_the_latent_plot
 from mlflow import MlflowClient
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from aevae.cli import main
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian's; nothing downloads
-CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
-)  # fmt: skip
 DEMO = str(REPO / "experiments" / "vae_demo.yaml")
 TINY = ("--model.hidden_dims", "[32]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
         "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false")  # fmt: skip
 SCREENSHOT = REPO / "out" / "ui_latent_plot.png"  # /out/ is git-ignored
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    assert CHROMIUM.is_file() and CHROMEDRIVER.is_file(), "Debian's chromium and chromium-driver: make system-deps"
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
 
 
 def test_browser_opens_on_the_runs_of_an_aevae_record(tmp_path, serve_ui, browser):
@@ -55,29 +32,9 @@ def test_browser_opens_on_the_runs_of_an_aevae_record(tmp_path, serve_ui, browse
     wait.until(lambda d: "1 matching run" in d.find_element(By.TAG_NAME, "body").text)  # the runs table's footer
     assert MlflowClient(url).get_experiment_by_name("demo").tags["mlflow.experimentKind"] == "custom_model_development"
     run_link.click()
-    wait.until(lambda d: d.find_element(By.XPATH, "//*[normalize-space(text())='val/loss']"))  # the run's metrics
-    for label in ("Artifacts", *LATENT_PLOT.split("/")):  # the tab, the folder, the file
-        _click_text(wait, label)
-    plot = wait.until(lambda d: _loaded_image(d.find_elements(By.CSS_SELECTOR, "img[src^='blob:']"), d))
+    see_the_latent_plot(browser, wait)
     SCREENSHOT.parent.mkdir(exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
-    assert browser.execute_script("return arguments[0].naturalWidth", plot) > 100  # the logged PCA plot
-    fetched = browser.execute_script(
-        "return performance.getEntriesByType('resource').filter(e => e.name.includes('get-artifact'))"
-        ".map(e => [decodeURIComponent(e.name), e.responseStatus])"
-    )
-    assert any(f"path={LATENT_PLOT}" in name for name, _ in fetched), fetched
-    assert all(status == 200 for _, status in fetched), fetched
-
-
-def _click_text(wait: WebDriverWait, text: str) -> None:
-    """Click the visible element showing text (the page may also hold hidden copies of it, e.g. a tooltip)."""
-    xpath = f"//*[normalize-space(text())='{text}']"
-    wait.until(lambda d: next((e for e in d.find_elements(By.XPATH, xpath) if e.is_displayed()), None)).click()
-
-
-def _loaded_image(images: list[WebElement], driver: webdriver.Chrome) -> WebElement | None:
-    return next((i for i in images if driver.execute_script("return arguments[0].naturalWidth > 0", i)), None)
 
 
 @pytest.mark.parametrize(
