@@ -55,6 +55,8 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path: Path) -> None:
     train = subprocess.Popen(
         [sys.executable, "-m", "aevae", *TRAIN, "--trainer.max_epochs", "100000"],  # never ends by itself
         cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As from a terminal: a suite started in the background (`make test &`) ignores SIGINT, and children inherit it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     store = tmp_path / "mlruns" / "mlflow.db"
     deadline, logged = time.monotonic() + 240, 0
