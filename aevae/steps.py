@@ -125,9 +125,9 @@ def manual_eager_fits(precision: str, trainer: Any) -> bool:
     )
 
 
-class CompiledStep:
-    """forward + loss + backward through `torch.compile` (CPU and GPU), then the optimizer's fused step. Under
-    mode ``reduce-overhead`` (CUDA) inductor also records its kernels in CUDA graphs (its cudagraph trees).
+class CompiledStep(EagerStep):
+    """The eager step with forward + loss + backward through `torch.compile` (CPU and GPU). Under mode
+    ``reduce-overhead`` (CUDA) inductor also records its kernels in CUDA graphs (its cudagraph trees).
 
     Random draws use the eager kernels (inductor's fallback_random), so a seeded compiled run follows the same
     noise as an eager one and their losses agree to rounding.
@@ -138,15 +138,14 @@ class CompiledStep:
 
         inductor_config.fallback_random = True
         self.mode = mode
-        self.forward_backward = torch.compile(forward_backward, dynamic=False, mode=mode)
+        super().__init__(torch.compile(forward_backward, dynamic=False, mode=mode))
 
     def __call__(self, x: Tensor, optimizer: torch.optim.Optimizer) -> Tensor | None:
-        optimizer.zero_grad(set_to_none=True)
-        if self.mode == "reduce-overhead":  # a new iteration: the last step's graph outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
-        loss = self.forward_backward(x)
-        optimizer.step()
-        return None if self.mode == "reduce-overhead" else loss  # a graph's output is overwritten at the next step
+        if self.mode != "reduce-overhead":
+            return super().__call__(x, optimizer)
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's graph outputs may be overwritten
+        super().__call__(x, optimizer)
+        return None  # a graph's output is overwritten at the next step
 
 
 class CudaGraphStep:
