@@ -94,6 +94,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_until_healthy(url: str, server: subprocess.Popen, log: Path, seconds: float) -> str:
+    """url, once its /health answers; fails with the server's log if it exits or stays silent for seconds."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"the server exited: {log.read_text()}"
+        try:
+            with urlopen(f"{url}/health", timeout=2):
+                return url
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"the server did not answer within {seconds:.0f} s: {log.read_text()}")
+
+
 @pytest.fixture
 def serve_ui(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
     """Start `aevae ui` in a folder on a free loopback port; returns its URL once it answers.
@@ -111,16 +124,7 @@ def serve_ui(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
                 cwd=cwd, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         servers.append(server)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert server.poll() is None, f"aevae ui exited: {log.read_text()}"
-            try:
-                with urlopen(f"{url}/health", timeout=2):
-                    return url
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"aevae ui did not answer within 90 s: {log.read_text()}")
+        return wait_until_healthy(f"http://127.0.0.1:{port}", server, log, seconds=90)
 
     yield start
     for server in servers:

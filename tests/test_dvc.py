@@ -7,13 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 from urllib.request import urlopen
 
-from conftest import LATENT_PLOT, REPO, cli_env, free_port, run_aevae
+from conftest import LATENT_PLOT, REPO, cli_env, free_port, run_aevae, wait_until_healthy
 from mlflow import MlflowClient
 
 from aevae import tracking
@@ -41,20 +40,13 @@ def git(*args: str, cwd: Path) -> str:
 @contextmanager
 def one_machine_server(cwd: Path) -> Iterator[str]:
     """`aevae server` with its defaults (the SQLite store ./mlruns, artifacts proxied into ./mlruns/artifacts)."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "aevae", "server", "--port", str(port), "--workers", "1"],
-                              cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)  # fmt: skip
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    port, log = free_port(), cwd.parent / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "aevae", "server", "--port", str(port), "--workers", "1"],
+                                  cwd=cwd, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # fmt: skip
     try:
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read() if server.poll() else ""
-            try:
-                urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.3)
-        yield url
+        yield wait_until_healthy(f"http://127.0.0.1:{port}", server, log, seconds=90)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -11,12 +11,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.request import urlopen
 
 import optuna
 import pytest
 import yaml
-from conftest import REPO, cli_env, free_port, new_database, run_aevae, see_the_latent_plot
+from conftest import REPO, cli_env, free_port, new_database, run_aevae, see_the_latent_plot, wait_until_healthy
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
@@ -49,16 +48,7 @@ def server(postgres, tmp_path_factory) -> Iterator[dict[str, str]]:
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "aevae", *args], cwd=folder, env=cli_env(LOGIN),
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        try:
-            urlopen(f"{url}/health", timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.5)
+    url = wait_until_healthy(f"http://127.0.0.1:{port}", process, log, seconds=120)
     yield {"url": url, "database": database, "artifacts": str(folder / "artifacts"), "log": str(log)}
     os.killpg(process.pid, signal.SIGTERM)
     try:
