@@ -1,15 +1,18 @@
-"""Where batches come from: in-memory splits cut by one gather a batch, on the host or on the training device."""
+"""Where batches come from: in-memory splits cut by one gather a batch, on the host or on the training device,
+handed to the training step one at a time or several a call."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import Dataset
 
 from aevae.errors import UsageError
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # images, labels
 ON_DEVICE_SHARE = 0.5  # data.on_device=auto: the splits may take at most this share of free device memory
 
 
@@ -22,10 +25,10 @@ class InMemoryImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> Batch:
         return self.images[index], self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> Batch:
         index = torch.as_tensor(indices)
         return self.images[index], self.labels[index]
 
@@ -41,8 +44,35 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images
 
 
-def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_batch(batch: Batch) -> Batch:
     return batch
+
+
+class BatchRun:
+    """Consecutive training batches of one epoch, handed to one training_step (fit.steps_per_call), so Lightning's
+    per-batch work (hooks, callbacks, progress) runs once a run instead of once a batch.
+
+    Each batch is prepared (to floats, binarized) only when the step reaches it, so random draws come in the same
+    order as batch by batch, and a run cut short (trainer.max_steps) draws nothing for the batches it skips.
+    """
+
+    def __init__(self, batches: list[Batch], first: int, per_epoch: int, prepare: Callable[[Batch], Batch] | None = None):
+        self.batches, self.first, self.per_epoch, self.prepare = batches, first, per_epoch, prepare
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[int, Batch]]:
+        """(index of the batch in its epoch, the batch), prepared as it is reached."""
+        for offset, batch in enumerate(self.batches):
+            yield self.first + offset, (self.prepare(batch) if self.prepare else batch)
+
+    def map(self, change: Callable[[Batch], Batch]) -> BatchRun:
+        """The same run with every batch changed now (moved to a device)."""
+        return BatchRun([change(batch) for batch in self.batches], self.first, self.per_epoch, self.prepare)
+
+    def prepared_by(self, prepare: Callable[[Batch], Batch]) -> BatchRun:
+        return BatchRun(self.batches, self.first, self.per_epoch, prepare)
 
 
 class IndexBatches:
@@ -51,15 +81,28 @@ class IndexBatches:
     Shuffled, it draws the same seed from the global torch RNG as a DataLoader with RandomSampler does (after the
     DataLoader's own base-seed draw), so on the CPU it yields exactly the batches that DataLoader would, and resume
     (which restores the global RNG) still replays them. On an accelerator the permutation is drawn on the device.
+    With steps_per_call > 1 it yields the same batches grouped in BatchRuns of that many (the last may be shorter).
     """
 
-    def __init__(self, data: InMemoryImages, batch_size: int, shuffle: bool) -> None:
-        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+    def __init__(self, data: InMemoryImages, batch_size: int, shuffle: bool, steps_per_call: int = 1) -> None:
+        self.data, self.batch_size, self.shuffle, self.steps_per_call = data, batch_size, shuffle, steps_per_call
 
-    def __len__(self) -> int:
+    def batch_count(self) -> int:
         return math.ceil(len(self.data) / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __len__(self) -> int:
+        return math.ceil(self.batch_count() / self.steps_per_call)
+
+    def __iter__(self) -> Iterator[Batch | BatchRun]:
+        batches = self._batches()
+        if self.steps_per_call == 1:
+            yield from batches
+            return
+        per_epoch = self.batch_count()
+        for first in range(0, per_epoch, self.steps_per_call):
+            yield BatchRun(list(itertools.islice(batches, self.steps_per_call)), first, per_epoch)
+
+    def _batches(self) -> Iterator[Batch]:
         images, labels = self.data.images, self.data.labels
         if not self.shuffle:
             for start in range(0, len(labels), self.batch_size):

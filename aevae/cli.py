@@ -96,7 +96,7 @@ def samples(args: Sequence[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": train, "ui": ui, "snapshot": snapshot, "sweep": sweep, "best": best, "analyze": analyze, "compare": compare, "reproduce": reproduce, "server": server, "ood": ood, "samples": samples}
-QUIET_COMMANDS = {"ui", "snapshot", "server"}  # they start no library that chatters
+QUIET_COMMANDS = {"ui", "snapshot", "server"}  # they import no library that chatters: not Lightning, not Optuna
 CONSOLE_FLAGS = ("--verbose", "--quiet")
 
 
@@ -146,9 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, verbose, quiet = console_flags(args)
         console.configure(verbose, quiet)
-        if command not in QUIET_COMMANDS:
+        chatty = command not in QUIET_COMMANDS
+        if chatty:
             console.quiet_libraries()
-        with console.command_warnings():
+        with console.command_warnings(lightning=chatty):
             return handler(args)
     except UsageError as err:
         print(f"aevae {command}: error: {mask_secrets(str(err))}", file=sys.stderr)

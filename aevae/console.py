@@ -55,8 +55,9 @@ def quiet_libraries() -> None:
 
 
 @contextmanager
-def command_warnings() -> Iterator[None]:
-    """Warnings while a command runs: library chatter hidden (unless --verbose), any other warning shown once."""
+def command_warnings(lightning: bool = True) -> Iterator[None]:
+    """Warnings while a command runs: library chatter hidden (unless --verbose), any other warning shown once.
+    lightning=False for commands that never import it (its import alone takes seconds)."""
     with warnings.catch_warnings():
         if level() != "verbose":
             warnings.simplefilter("once")
@@ -66,7 +67,8 @@ def command_warnings() -> Iterator[None]:
             warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
             for pattern in CHATTER_WARNINGS:
                 warnings.filterwarnings("ignore", message=pattern)
-            _hide_possible_user_warnings()
+            if lightning:
+                _hide_possible_user_warnings()
         yield
 
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from aevae import sources
-from aevae.batches import IndexBatches, InMemoryImages, device_placement, keep_batch, to_float
+from aevae.batches import Batch, BatchRun, IndexBatches, InMemoryImages, device_placement, keep_batch, to_float
 from aevae.errors import UsageError
 
 DATA_ROOT_ENV = "AEVAE_DATA_ROOT"
@@ -235,6 +235,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.splits: dict[str, InMemoryImages] = {}  # on the host, whole
         self.batches_from: dict[str, InMemoryImages] = {}  # where batches are cut: the host splits, or on a device
         self.placed_on: tuple[torch.device, int, int] | None = None  # (device, world size, rank) of batches_from
+        self.steps_per_call = 1  # training batches a training_step takes (fit.steps_per_call, set by the trainer factory)
         self.classes = None if classes is None else sorted(classes)
 
     def prepare_data(self) -> None:
@@ -351,8 +352,8 @@ class ImageDataModule(pl.LightningDataModule):
         data = self.batches_from.get(split, self.splits[split])
         distributed = self.trainer is not None and self.trainer.world_size > 1
         on_device = data is not self.splits[split]
-        if on_device or (self.num_workers == 0 and not distributed):
-            return IndexBatches(data, self.batch_size, shuffle)
+        if self.cut_in_memory(on_device, distributed):
+            return IndexBatches(data, self.batch_size, shuffle, self.steps_per_call if split == "train" else 1)
         # Workers, or DDP over host data: a DataLoader, so that Lightning can shard it with its distributed sampler.
         return DataLoader(
             data,
@@ -363,6 +364,10 @@ class ImageDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def cut_in_memory(self, on_device: bool, distributed: bool) -> bool:
+        """Whether batches are gathered from the in-memory split (IndexBatches), not by a DataLoader."""
+        return on_device or (self.num_workers == 0 and not distributed)
 
     def _unrepeated(self, data: InMemoryImages) -> Any:
         """val/test shards under DDP that hold each image once. Lightning's DistributedSampler would pad a split
@@ -387,13 +392,22 @@ class ImageDataModule(pl.LightningDataModule):
         return DataLoader(self.splits[split], batch_size=batch_size, shuffle=False, collate_fn=keep_batch)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, BatchRun):
+            return batch.map(lambda one: self.transfer_batch_to_device(one, device, dataloader_idx))
         if all(t.device == device for t in batch):  # batches cut on the device, or CPU training: nothing to move
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
+    def on_after_batch_transfer(self, batch: Batch | BatchRun, dataloader_idx: int) -> Batch | BatchRun:
+        if isinstance(batch, BatchRun):
+            return batch.prepared_by(self.prepare)  # each batch when the step reaches it
+        return self.prepare(batch)
+
+    def prepare(self, batch: Batch) -> Batch:
+        """A batch as the model takes it: floats in [0, 1] (on the device that trains: a quarter of the bytes cross
+        to it), binarized by a fresh draw in training."""
         images, labels = batch
-        images = to_float(images)  # on the device that trains: a quarter of the bytes cross to it
+        images = to_float(images)
         if self.binarize and self.trainer is not None and self.trainer.training:
             images = torch.bernoulli(images)
         return images, labels

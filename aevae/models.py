@@ -152,6 +152,8 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
         self.check_every = 1
         self.bar_loss: float | None = None  # the loss the progress bar shows, read every BAR_EVERY steps
         self._beta_filled: float | None = None
+        self._batch_in_epoch: int | None = None  # inside a BatchRun (fit.steps_per_call): the batch's index in its epoch
+        self._batches_per_epoch = 1
 
     # --- what a subclass defines -------------------------------------------------------
     kind = "base"
@@ -319,9 +321,7 @@ class VAE(LatentAutoencoder):
         """The KL weight now: ramped over the first kl_warmup_epochs of training, full otherwise."""
         if not self.training or self._trainer is None:
             return self.kl_weight
-        batches_done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        epochs_done = self.current_epoch + batches_done / max(1, int(self.trainer.num_training_batches))
-        return kl_warmup(self.kl_weight, epochs_done, self.kl_warmup_epochs)
+        return kl_warmup(self.kl_weight, self.epochs_done(), self.kl_warmup_epochs)
 
     def loss_terms(self, x: Tensor, out: ModelOutput) -> LossTerms:
         reconstruction = self.observation.nll(out.recon_logits, x).mean()

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 
+from aevae.batches import BatchRun, IndexBatches
 from aevae.errors import TrainingDiverged, UsageError
 
 COMPILE_MODES = ("none", "compile", "reduce-overhead", "cudagraph")
@@ -19,6 +20,7 @@ CUDA_ONLY_MODES = ("reduce-overhead", "cudagraph")  # both replay CUDA graphs
 DEVICE_CHECK_EVERY = 100  # on an accelerator, steps between host reads of the divergence record (CPU: every step)
 BAR_EVERY = 50  # on an accelerator, steps between progress-bar loss updates (each one a host read)
 CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before capture, as PyTorch's CUDA-graph recipe asks
+AUTO_STEPS_PER_CALL = 8  # fit.steps_per_call=auto: training batches a training_step takes where runs fit
 
 
 CAPTURABLE_PRECISIONS = ("32-true", "32", "bf16-mixed")
@@ -125,6 +127,35 @@ def manual_eager_fits(precision: str, trainer: Any) -> bool:
     )
 
 
+def whole_epochs(limit: Any) -> bool:
+    """Lightning's "every batch of the epoch" (1.0); an int counts batches, and an int 1 means one batch."""
+    return limit is None or (isinstance(limit, float) and limit == 1.0)
+
+
+def steps_per_call(setting: int | str, manual: bool, trainer: Any, cut_in_memory: bool) -> int:
+    """fit.steps_per_call resolved: training batches one training_step takes, one optimizer step each.
+
+    Runs of several batches need what Lightning counts in batches to count the same in runs: a manual step
+    (Lightning's automatic loop steps once a call), batches cut from memory, and no batch-counted limit or
+    validation interval. ``auto`` takes AUTO_STEPS_PER_CALL where all of that holds and 1 elsewhere; a number
+    above 1 where it does not hold is refused, naming the setting in the way.
+    """
+    in_the_way = []
+    if not manual:
+        in_the_way.append("a step under Lightning's automatic optimization (DDP, gradient clipping or accumulation, fp16)")
+    if not cut_in_memory:
+        in_the_way.append("data.num_workers > 0 (batches from a DataLoader)")
+    if not whole_epochs(trainer.limit_train_batches):
+        in_the_way.append(f"trainer.limit_train_batches={trainer.limit_train_batches} (counts Lightning's batches)")
+    if not whole_epochs(trainer.val_check_interval):
+        in_the_way.append(f"trainer.val_check_interval={trainer.val_check_interval} (counts Lightning's batches)")
+    if setting == "auto":
+        return 1 if in_the_way else AUTO_STEPS_PER_CALL
+    if setting > 1 and in_the_way:
+        raise UsageError(f"fit.steps_per_call={setting}: runs one batch a call with {in_the_way[0]}; set 1 or auto")
+    return int(setting)
+
+
 class CompiledStep(EagerStep):
     """The eager step with forward + loss + backward through `torch.compile` (CPU and GPU). Under mode
     ``reduce-overhead`` (CUDA) inductor also records its kernels in CUDA graphs (its cudagraph trees).
@@ -211,7 +242,7 @@ class TrainingSteps:
 
     # Lightning sets _current_fx_name around every hook it calls, about 40 times a step, and nn.Module.__setattr__
     # checks each value against parameters, buffers and modules (~3 us); these names are none of them.
-    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_found_bad"})
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_found_bad", "_batch_in_epoch", "_batches_per_epoch"})
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in TrainingSteps._PLAIN_ATTRIBUTES:
@@ -239,8 +270,27 @@ class TrainingSteps:
         self.record.start(self.global_step)
         self.check_every = host_read_interval(self.device)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        x, _ = batch
+    def training_step(self, batch: tuple[Tensor, Tensor] | BatchRun, batch_idx: int) -> Tensor | None:
+        if not isinstance(batch, BatchRun):
+            return self._train_on(batch[0])
+        loss, self._batches_per_epoch = None, batch.per_epoch
+        try:
+            for self._batch_in_epoch, (x, _) in batch:  # fit.steps_per_call: one optimizer step a batch
+                if 0 <= self.trainer.max_steps <= self.global_step:
+                    break  # trainer.max_steps falls inside this run
+                loss = self._train_on(x)
+        finally:
+            self._batch_in_epoch = None
+        return loss
+
+    def epochs_done(self) -> float:
+        """Epochs trained before this step, counting batches (the clock of the beta warm-up)."""
+        if self._batch_in_epoch is not None:
+            return self.current_epoch + self._batch_in_epoch / self._batches_per_epoch
+        batches_done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return self.current_epoch + batches_done / max(1, int(self.trainer.num_training_batches))
+
+    def _train_on(self, x: Tensor) -> Tensor | None:
         beta = self.beta()
         if beta != self._beta_filled:  # a device write, read inside the (captured) step: never frozen there
             self.beta_now.fill_(beta)
@@ -264,15 +314,18 @@ class TrainingSteps:
         return terms.loss.detach()
 
     def _run_captured(self, x: Tensor) -> Tensor | None:
-        optimizer = self.optimizers()
+        # The raw optimizer steps, and Lightning counts the step (global_step, its progress) as its own
+        # LightningOptimizer.step would. That wrapper's other work, about 0.1 ms a step on a CPU, is the
+        # on_before_optimizer_step hooks (none of aevae's callbacks has one; the model's does nothing under a
+        # manual step) and gradient clipping (refused under a manual step).
+        lightning_optimizer = self.optimizers()
+        optimizer = lightning_optimizer.optimizer
         if self.nonfinite_policy == "skip":
-            optimizer.optimizer.found_inf = self.found_inf  # the fused kernel skips on the device
-        if not isinstance(self.step_runner, CudaGraphStep):
-            return self.step_runner(x, optimizer)  # the LightningOptimizer: Lightning counts the step
-        optimizer._on_before_step()  # the raw optimizer steps inside the graph; count it for Lightning
-        self.step_runner(x, optimizer.optimizer)
-        optimizer._on_after_step()
-        return None
+            optimizer.found_inf = self.found_inf  # the fused kernel skips on the device
+        lightning_optimizer._on_before_step()
+        loss = self.step_runner(x, optimizer)
+        lightning_optimizer._on_after_step()
+        return loss
 
     def _skip_flag(self, loss_bad: Tensor) -> Tensor:
         """fit.on_nonfinite=skip: this step is skipped when its loss or its gradients are not finite (device flag);
@@ -323,8 +376,21 @@ class TrainingSteps:
 
 
 class StepLossBar(TQDMProgressBar):
-    """Lightning's progress bar, showing the loss the model last read back (every step on a CPU, every BAR_EVERY
-    steps on an accelerator) instead of a logged tensor, which the bar would read back, and sync on, every step."""
+    """Lightning's progress bar, counting batches (not runs of them, under fit.steps_per_call) and showing the loss
+    the model last read back (every step on a CPU, every BAR_EVERY steps on an accelerator) instead of a logged
+    tensor, which the bar would read back, and sync on, every step."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        loader = self.trainer.train_dataloader
+        if isinstance(loader, IndexBatches) and loader.steps_per_call > 1:
+            return loader.batch_count()
+        return super().total_train_batches
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if isinstance(batch, BatchRun):
+            batch_idx = batch.first + len(batch) - 1  # the run's last batch
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)

@@ -29,7 +29,7 @@ from aevae.checkpoints import (
 )
 from aevae.errors import UsageError, causes
 from aevae.models import LatentAutoencoder
-from aevae.steps import StepLossBar, check_compile, manual_eager_fits, plain_cuda_checks
+from aevae.steps import StepLossBar, check_compile, manual_eager_fits, plain_cuda_checks, steps_per_call
 
 MONITOR = "val/loss"
 # Trainer arguments that aevae sets itself (tracking, checkpoints) or that would load arbitrary classes.
@@ -68,6 +68,11 @@ class FitOptions:
             and backward; CPU or GPU), ``reduce-overhead`` (the same through torch.compile's CUDA graphs; CUDA) or
             ``cudagraph`` (the whole step, fused Adam included, captured in one CUDA graph and replayed; one CUDA
             device). All train the same model as eager, to rounding.
+        steps_per_call: training batches one Lightning training step takes, an optimizer step each, so that
+            Lightning's per-batch work runs once a run of batches: ``auto`` (8 where nothing counts Lightning's
+            batches: a manual step, batches cut from memory, no batch-counted trainer.limit_train_batches or
+            trainer.val_check_interval; else 1) or a number (refused where those do not hold). The same batches,
+            steps and random draws in the same order: the same model as 1.
     """
 
     early_stopping_patience: PositiveInt | None = None
@@ -76,6 +81,7 @@ class FitOptions:
     resume: str | None = None
     on_nonfinite: Literal["stop", "skip"] = "stop"
     compile: Literal["none", "compile", "reduce-overhead", "cudagraph"] = "none"
+    steps_per_call: PositiveInt | Literal["auto"] = "auto"
 
 
 ALLOWED_IMPORTS = ["aevae", "torch.nn"]  # class paths a config may name; more only by `aevae --allow-import`
@@ -206,11 +212,22 @@ def check_trainer(config: Namespace, datamodule: ImageDataModule | None = None) 
         trainer = build_trainer(config, logger=False)
     finally:
         lightning_log.setLevel(level)
-    device = trainer.strategy.root_device
-    precision = str(config.trainer.get("precision") or "32-true")  # as asked: Lightning may swap 16 for bf16 on a CPU
-    check_compile(config.fit.compile, precision, trainer)
+    check_compile(config.fit.compile, precision_of(config), trainer)
     if datamodule is not None:
-        datamodule.goes_on_device(device, trainer.world_size)
+        step_runs(config, trainer, datamodule)  # and whether the data fits on the device
+
+
+def precision_of(config: Namespace) -> str:
+    """trainer.precision as asked (Lightning may swap 16 for bf16 on a CPU)."""
+    return str(config.trainer.get("precision") or "32-true")
+
+
+def step_runs(config: Namespace, trainer: pl.Trainer, datamodule: ImageDataModule) -> int:
+    """fit.steps_per_call for this trainer and data (see aevae.steps.steps_per_call)."""
+    manual = config.fit.compile != "none" or manual_eager_fits(precision_of(config), trainer)
+    on_device = datamodule.goes_on_device(trainer.strategy.root_device, trainer.world_size)
+    in_memory = datamodule.cut_in_memory(on_device, trainer.world_size > 1)
+    return steps_per_call(config.fit.steps_per_call, manual, trainer, in_memory)
 
 
 def instantiate(config: Namespace, parser: ArgumentParser | None = None) -> tuple[LatentAutoencoder, ImageDataModule]:
@@ -299,8 +316,8 @@ def run_training(
         run_id=resume.run_id if resume else None,
     )
     trainer = build_trainer(config, logger, callbacks)
-    precision = str(config.trainer.get("precision") or "32-true")
-    model.configure_step(config.fit.compile, manual_eager_fits(precision, trainer))
+    model.configure_step(config.fit.compile, manual_eager_fits(precision_of(config), trainer))
+    datamodule.steps_per_call = step_runs(config, trainer, datamodule)
     client: MlflowClient | None = logger.experiment if trainer.is_global_zero else None
     run_id = logger.run_id if trainer.is_global_zero else None
     error: BaseException | None = None

@@ -176,6 +176,8 @@ def test_lightning_nvml_check_is_undone_unless_the_user_set_it(tmp_path: Path, m
 
 
 def step_losses(config) -> tuple[list[float], dict[str, float], object]:
+    """Each step's loss, read by a callback after each training_step: configs here take one batch a call
+    (fit.steps_per_call 1), so that is after every step."""
     losses: list[float] = []
 
     class Losses(pl.Callback):
@@ -189,7 +191,8 @@ def step_losses(config) -> tuple[list[float], dict[str, float], object]:
 def test_compiled_step_trains_the_same_model_as_eager(tmp_path: Path) -> None:
     """200 seeded fp32 steps (a short last batch, and a beta warm-up that moves every step, included): the
     compiled step's losses within 1e-3 relative of eager's, the same per-epoch metrics, the same checkpoint keys."""
-    args = ["--trainer.max_steps", "200", "--trainer.limit_val_batches", "4", "--model.kl_warmup_epochs", "2"]
+    args = ["--trainer.max_steps", "200", "--trainer.limit_val_batches", "4", "--model.kl_warmup_epochs", "2",
+            "--fit.steps_per_call", "1"]  # fmt: skip
     eager_losses, eager_metrics, eager = step_losses(small_config(tmp_path / "eager", *args))
     compiled_losses, compiled_metrics, compiled = step_losses(
         small_config(tmp_path / "compiled", *args, "--fit.compile", "compile")
@@ -216,6 +219,7 @@ def test_compiled_step_trains_the_same_model_as_eager(tmp_path: Path) -> None:
         (["--fit.compile", "compile", "--trainer.precision", "16-mixed"], "takes trainer.precision 32-true or bf16"),
         (["--fit.compile", "compile", "--trainer.gradient_clip_val", "1.0"], "optimizes manually"),
         (["--fit.compile", "compile", "--trainer.devices", "2", "--trainer.strategy", "ddp"], "runs on one device"),
+        (["--fit.steps_per_call", "4", "--trainer.limit_train_batches", "5"], "fit.steps_per_call=4: runs one batch a"),
     ],
 )
 def test_a_step_that_cannot_be_compiled_is_refused_before_any_run(tmp_path: Path, extra: list[str], message: str) -> None:
@@ -233,7 +237,8 @@ def test_eager_step_optimizes_manually_and_trains_the_same_model_as_lightnings_l
     """Where nothing needs Lightning's automatic loop, the eager step optimizes manually (fewer host calls a step);
     a gradient clip it cannot do keeps the automatic loop. A clip far above any gradient norm changes no step, so
     the two loops must give the same losses, step for step, and the same weights."""
-    args = ["--trainer.max_steps", "60", "--trainer.limit_val_batches", "2", "--model.kl_warmup_epochs", "1"]
+    args = ["--trainer.max_steps", "60", "--trainer.limit_val_batches", "2", "--model.kl_warmup_epochs", "1",
+            "--fit.steps_per_call", "1"]  # fmt: skip
     manual_losses, _, manual = step_losses(small_config(tmp_path / "manual", *args))
     auto_losses, _, auto = step_losses(small_config(tmp_path / "auto", *args, "--trainer.gradient_clip_val", "1e9"))
     assert not manual.model.automatic_optimization and auto.model.automatic_optimization
@@ -242,3 +247,71 @@ def test_eager_step_optimizes_manually_and_trains_the_same_model_as_lightnings_l
     assert manual_losses[-1] < manual_losses[0] - 50  # it trained
     for name, weight in manual.model.state_dict().items():
         torch.testing.assert_close(weight, auto.model.state_dict()[name], rtol=1e-4, atol=1e-6)
+
+
+# --- runs of batches a call (fit.steps_per_call) ---------------------------------------------------------
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(weight, b.state_dict()[name]) for name, weight in a.state_dict().items())
+
+
+def test_runs_of_batches_train_the_same_model_as_one_batch_a_call(tmp_path: Path) -> None:
+    """113 batches an epoch in runs of 7 (the last run one short batch): the same batches, optimizer steps and
+    random draws in the same order as one batch a call (binarized pixels and a beta warm-up moving every step
+    included), so the same weights bit for bit and the same logged metrics; a max_steps inside a run stops there."""
+    args = ["--trainer.max_epochs", "2", "--model.kl_warmup_epochs", "2", "--data.binarize", "true"]
+    one = run_training(small_config(tmp_path / "one", *args, "--fit.steps_per_call", "1"))
+    runs = run_training(small_config(tmp_path / "runs", *args, "--fit.steps_per_call", "7"))
+    assert one.trainer.num_training_batches == 113 and runs.trainer.num_training_batches == 17  # ceil(113 / 7)
+    assert one.trainer.global_step == runs.trainer.global_step == 226
+    assert same_weights(one.model, runs.model)
+    assert one.metrics == runs.metrics
+    stopped = run_training(small_config(tmp_path / "stop", *args, "--fit.steps_per_call", "7", "--trainer.max_steps", "150"))
+    one_stopped = run_training(small_config(tmp_path / "stop1", *args, "--fit.steps_per_call", "1", "--trainer.max_steps", "150"))
+    assert stopped.trainer.global_step == one_stopped.trainer.global_step == 150
+    assert same_weights(stopped.model, one_stopped.model)
+
+
+class Limits:
+    def __init__(self, limit_train_batches: object = 1.0, val_check_interval: object = 1.0) -> None:
+        self.limit_train_batches, self.val_check_interval = limit_train_batches, val_check_interval
+
+
+@pytest.mark.parametrize(
+    "manual,limits,in_memory,auto,in_the_way",
+    [
+        (True, Limits(), True, steps.AUTO_STEPS_PER_CALL, None),
+        (False, Limits(), True, 1, "automatic optimization"),
+        (True, Limits(), False, 1, "data.num_workers > 0"),
+        (True, Limits(limit_train_batches=5), True, 1, "trainer.limit_train_batches=5"),
+        (True, Limits(limit_train_batches=1), True, 1, "trainer.limit_train_batches=1 "),  # an int 1 is one batch
+        (True, Limits(limit_train_batches=0.5), True, 1, "trainer.limit_train_batches=0.5"),
+        (True, Limits(val_check_interval=20), True, 1, "trainer.val_check_interval=20"),
+        (True, Limits(val_check_interval=0.25), True, 1, "trainer.val_check_interval=0.25"),
+    ],
+)
+def test_steps_per_call_resolves_auto_and_refuses_a_run_where_lightning_counts_batches(
+    manual: bool, limits: Limits, in_memory: bool, auto: int, in_the_way: str | None
+) -> None:
+    assert steps.steps_per_call("auto", manual, limits, in_memory) == auto
+    assert steps.steps_per_call(1, manual, limits, in_memory) == 1
+    if in_the_way is None:
+        assert steps.steps_per_call(5, manual, limits, in_memory) == 5
+    else:
+        with pytest.raises(UsageError, match=f"fit.steps_per_call=5: runs one batch a call with .*{in_the_way}"):
+            steps.steps_per_call(5, manual, limits, in_memory)
+
+
+def test_the_progress_bar_counts_batches_not_runs(tmp_path: Path) -> None:
+    counts: list[tuple[int, float]] = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            bar = trainer.progress_bar_callback.train_progress_bar
+            counts.append((bar.n, bar.total))
+
+    config = small_config(tmp_path, "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "true")
+    result = run_training(config, callbacks=[Watch()])
+    assert result.trainer.num_training_batches == 15  # ceil(113 / 8)
+    assert counts == [(113, 113)]
