@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+from aevae import empty_store
 from aevae.errors import UsageError, causes
 
 DEFAULT_STORE = Path("mlruns")
@@ -162,11 +163,15 @@ def open_store(tracking_uri: str) -> str:
 
 def create_tables(tracking_uri: str, store: Path) -> None:
     """MLflow makes (or migrates) its tables when a process first opens a store; two processes that do it at once
-    on a new store collide ("duplicate column name"). Here one process at a time does it, the others wait."""
+    on a new store collide ("duplicate column name"). Here one process at a time does it, the others wait. A new
+    store starts as a copy of a cached empty one (aevae.empty_store): 20 ms instead of MLflow's 1.2 s."""
     from mlflow import MlflowClient
 
     with open(store / TABLES_LOCK_NAME, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        database = sqlite_file(tracking_uri)
+        if database is not None and not database.exists():
+            empty_store.seed(database)
         MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
