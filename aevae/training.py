@@ -18,7 +18,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 import aevae
-from aevae import analysis, distributed, tracking
+from aevae import analysis, distributed, host_memory, tracking
 from aevae.data import ImageDataModule
 from aevae.checkpoints import (
     AtomicCheckpointIO,
@@ -285,6 +285,7 @@ def run_training(
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient
 
+    host_memory.keep_freed_memory()  # before the data and the model take their memory
     parser = build_parser()
     model, datamodule, latent_options = prepare(config, parser)
     if latent_options.enabled and latent_options.every_n_epochs:

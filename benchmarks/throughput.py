@@ -9,6 +9,7 @@ by this script: 19,440 train, 2,160 validation, 2,400 held out as test). Trained
 
   hand        a plain PyTorch loop over aevae's VAE class: in-memory tensors, index slices, torch.optim.Adam
   hand-fused  the same loop with the fused Adam kernel that aevae uses: the baseline (1.00x)
+  hand-kept   hand-fused with the allocator setting aevae makes (aevae.host_memory): what that setting alone gives
   aevae       `run_training`, exactly as `aevae train` runs it, MLflow tracking on
   one-call    the same with `--fit.steps_per_call 1`: Lightning's per-batch work on every batch (as before runs)
   untracked   aevae's module, data and trainer factory with the logger off (the cost of tracking)
@@ -120,9 +121,14 @@ def config_args(root: str, epochs: int, store: Path, model: str) -> list[str]:
 # --- the fits, each run inside a child process ------------------------------------------------------------
 
 
-def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool) -> None:
+def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool, keep_freed_memory: bool = False) -> None:
     import lightning.pytorch as pl
     import torch
+
+    if keep_freed_memory:
+        from aevae.host_memory import keep_freed_memory as keep
+
+        keep()
 
     from aevae.batches import to_float
     from aevae.data import ImageDataModule
@@ -217,6 +223,7 @@ def child(variant: str, root: str, epochs: int, model_name: str, threads: int) -
         fits = {
             "hand": lambda: fit_hand(root, epochs, store, model_name, fused=False),
             "hand-fused": lambda: fit_hand(root, epochs, store, model_name, fused=True),
+            "hand-kept": lambda: fit_hand(root, epochs, store, model_name, fused=True, keep_freed_memory=True),
             "aevae": lambda: fit_aevae(root, epochs, store, model_name),
             "before": lambda: fit_aevae(root, epochs, store, model_name),
             "one-call": lambda: fit_aevae(root, epochs, store, model_name, "--fit.steps_per_call", "1"),
