@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from aevae.errors import UsageError
 from aevae.likelihoods import LIKELIHOODS, Likelihood, bits_per_dim, make_likelihood
 from aevae.networks import ARCHITECTURES, networks
-from aevae.steps import CompiledStep, CudaGraphStep, EagerStep, StepRecord, TrainingSteps
+from aevae.step_runners import CompiledStep, CudaGraphStep, EagerStep
+from aevae.steps import StepRecord, TrainingSteps
 
 DEFAULT_IMAGE_SHAPE = (1, 28, 28)  # a model built without data (tests, notebooks); training takes the data's
 MAX_LATENT_DIM = 4096
