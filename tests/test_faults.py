@@ -15,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from aevae.checkpoints import AtomicCheckpointIO, load_weights, read_checkpoint
+from aevae.data import ImageDataModule
 from aevae.errors import TrainingDiverged, UsageError
 from aevae.models import VAE
 from aevae.training import parse_config, run_training
@@ -69,7 +70,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path) -> N
 
 
 class PoisonWeights(pl.Callback):
-    """A divergence on demand: NaN weights at epoch 1, batch 3."""
+    """A divergence on demand: NaN weights before the 4th training_step call of epoch 1. Calls take runs of 8
+    batches (fit.steps_per_call auto), so the first bad step is epoch 0's 29 steps + 3 runs x 8 = step 53."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == 1 and batch_idx == 3:
@@ -78,11 +80,11 @@ class PoisonWeights(pl.Callback):
 
 
 def test_divergence_stops_at_once_fails_the_run_keeps_last_good_checkpoint(tmp_path: Path, tracking_uri: str) -> None:
-    with pytest.raises(TrainingDiverged, match=r"training diverged at epoch 1, step 32: loss is nan; last finite loss \d"):
+    with pytest.raises(TrainingDiverged, match=r"training diverged at epoch 1, step 53: loss is nan; last finite loss \d"):
         run_training(parse_config(tiny_args(tracking_uri, tmp_path)), callbacks=[PoisonWeights()])
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FAILED"
-    assert run.data.tags["failure_reason"].startswith("TrainingDiverged: training diverged at epoch 1, step 32")
+    assert run.data.tags["failure_reason"].startswith("TrainingDiverged: training diverged at epoch 1, step 53")
     (last,) = (tmp_path / "checkpoints").rglob("last.ckpt")
     checkpoint = read_checkpoint(last)
     assert checkpoint["epoch"] == 0  # the end of the last good epoch
@@ -96,15 +98,28 @@ def test_divergence_from_the_cli_is_one_line_exit_1(tmp_path: Path, tracking_uri
     assert all_runs(tracking_uri)[0].info.status == "FAILED"
 
 
-class PoisonOneBatch(pl.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.current_epoch == 0 and batch_idx == 2:
-            batch[0][0, 0, 0, 0] = float("nan")
+def poison_training_batch(monkeypatch, index: int) -> None:
+    """A NaN pixel in the index-th training batch of the first epoch, put in as the batch is prepared for its
+    step (inside a run of batches too: their pixels stay uint8 until each step reaches them)."""
+    prepare, prepared = ImageDataModule.prepare, []
+
+    def poisoned(data, batch):
+        images, labels = prepare(data, batch)
+        if data.trainer.training and data.trainer.current_epoch == 0:
+            if len(prepared) == index:
+                images = images.clone()
+                images[0, 0, 0, 0] = float("nan")
+            prepared.append(1)
+        return images, labels
+
+    monkeypatch.setattr(ImageDataModule, "prepare", poisoned)
 
 
-def test_skip_policy_skips_and_counts_bad_batches(tmp_path: Path, tracking_uri: str) -> None:
+def test_skip_policy_skips_and_counts_bad_batches(tmp_path: Path, tracking_uri: str, monkeypatch) -> None:
+    poison_training_batch(monkeypatch, index=10)  # the 3rd batch of the 2nd run of 8
     config = parse_config([*tiny_args(tracking_uri, tmp_path, epochs=1), "--fit.on_nonfinite", "skip"])
-    result = run_training(config, callbacks=[PoisonOneBatch()])
+    result = run_training(config)
+    assert result.datamodule.steps_per_call == 8
     assert result.model.skipped_batches == 1
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     (run,) = all_runs(tracking_uri)

@@ -19,6 +19,7 @@ from aevae.compare import mean_std, paired_p, score_table
 from aevae.batches import InMemoryImages
 from aevae.data import ImageDataModule
 from aevae.models import AE, VAE, gaussian_kl_per_dim, reconstruction_nll
+from aevae.steps import TrainingSteps
 from aevae.training import parse_config, run_training
 from conftest import REPO
 
@@ -126,17 +127,26 @@ class ScrambleLastEpoch(pl.Callback):
                 module.decoder[-2].bias.add_(6.0)  # every pixel's logit +6: far worse reconstructions
 
 
-class RecordTrainLosses(pl.Callback):
-    def __init__(self) -> None:
+class RecordTrainLosses:
+    """The loss and image count of every training step, by epoch, read as each step ends (a step, not a
+    training_step call: under fit.steps_per_call a call takes several batches)."""
+
+    def __init__(self, monkeypatch) -> None:
         self.by_epoch: dict[int, list[tuple[float, int]]] = {}
+        train_on = TrainingSteps._train_on
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.by_epoch.setdefault(trainer.current_epoch, []).append((float(outputs["loss"]), len(batch[0])))
+        def recorded(model, x):
+            loss = train_on(model, x)
+            self.by_epoch.setdefault(model.current_epoch, []).append((float(loss), len(x)))
+            return loss
+
+        monkeypatch.setattr(TrainingSteps, "_train_on", recorded)
 
 
-def test_logged_epoch_metrics_recomputed_by_hand(tmp_path: Path, tracking_uri: str) -> None:
-    """400 val images in batches of 128 (a last batch of 16); test/ from the best checkpoint, not the last."""
-    record = RecordTrainLosses()
+def test_logged_epoch_metrics_recomputed_by_hand(tmp_path: Path, tracking_uri: str, monkeypatch) -> None:
+    """400 val images in batches of 128 (a last batch of 16); test/ from the best checkpoint, not the last; the
+    training steps in runs of 8 batches a call (the default), each step's loss read as it ends."""
+    record = RecordTrainLosses(monkeypatch)
     config = parse_config(
         [
             "--config", DEMO, "--model.hidden_dims", "[16]", "--model.sample_latent", "false",
@@ -145,7 +155,8 @@ def test_logged_epoch_metrics_recomputed_by_hand(tmp_path: Path, tracking_uri: s
             "--tracking.uri", tracking_uri, "--fit.checkpoint_dir", str(tmp_path / "ckpt"),
         ]  # fmt: skip
     )
-    result = run_training(config, callbacks=[record, ScrambleLastEpoch()])
+    result = run_training(config, callbacks=[ScrambleLastEpoch()])
+    assert result.datamodule.steps_per_call == 8
     client = MlflowClient(tracking_uri)
     logged = client.get_run(result.run_id).data.metrics
     history = {m.step: m.value for m in client.get_metric_history(result.run_id, "val/loss")}
