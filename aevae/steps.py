@@ -1,6 +1,6 @@
 """How a training step runs under Lightning: what it leaves on the device (epoch sums, divergence, skips), runs of
-batches a call, and which step runner (aevae.step_runners) it uses. Nothing here reads a tensor back to the host
-without deciding to; the module decides when to look."""
+batches a call, and which step runner (aevae.step_runners) it uses. A tensor is read back to the host only where
+this module says so: every step on a CPU, at intervals on an accelerator."""
 
 from __future__ import annotations
 
