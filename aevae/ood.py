@@ -18,7 +18,8 @@ import torch
 from jsonargparse import ArgumentParser
 
 from aevae.batches import to_float
-from aevae.data import SOURCES, ImageDataModule
+from aevae.builtin_sources import SOURCES
+from aevae.data import ImageDataModule
 from aevae.errors import UsageError
 from aevae.models import LatentAutoencoder
 from aevae.ood_metrics import METRICS, Estimate, detection_metrics

@@ -11,7 +11,8 @@ import lightning.pytorch as pl
 import torch
 
 from conftest import small_mnist
-from aevae.data import DEBIAN_FASHION_MNIST, ImageDataModule, read_idx
+from aevae.builtin_sources import DEBIAN_FASHION_MNIST, read_idx
+from aevae.data import ImageDataModule
 from aevae.errors import UsageError
 
 
