@@ -14,10 +14,13 @@ from mlflow import MlflowClient
 from aevae import empty_store, tracking
 
 
-def schema(database: Path) -> tuple[list[tuple[str, str]], list[tuple[str]]]:
+def schema(database: Path) -> tuple[dict[str, list[str]], list[tuple[str]]]:
+    """Every table and index with the lines of its SQL as a sorted list (MLflow's migrations write a table's CHECK
+    constraints in an order that differs from one process to another), and the schema version."""
     with closing(sqlite3.connect(database)) as db:
-        objects = db.execute("SELECT name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name").fetchall()
-        return objects, db.execute("SELECT version_num FROM alembic_version").fetchall()
+        objects = db.execute("SELECT name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall()
+        version = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    return {name: sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()) for name, sql in objects}, version
 
 
 def experiments(uri: str) -> list[tuple[str, str, str]]:
