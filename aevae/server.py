@@ -89,7 +89,7 @@ def _auth_environment(environ: dict[str, str], options, uri: str) -> None:
     database = options.auth_database_uri or (f"sqlite:///{store.resolve() / 'basic_auth.db'}" if store else uri)
     config = configparser.ConfigParser()
     config["mlflow"] = {"default_permission": "READ", "database_uri": database, "admin_username": login[0],
-                        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}  # fmt: skip
+                        "authorization_function": "aevae.server_auth:authenticate_request"}  # fmt: skip
     handle, path = tempfile.mkstemp(prefix="aevae-auth-", suffix=".ini")  # 0600; no password in it
     with os.fdopen(handle, "w") as ini:
         config.write(ini)

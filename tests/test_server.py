@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import optuna
 import pytest
+import requests
 import yaml
 from conftest import REPO, cli_env, free_port, new_database, run_aevae, see_the_latent_plot, wait_until_healthy
 from mlflow import MlflowClient
@@ -181,6 +182,25 @@ def test_a_sigkilled_workers_run_is_closed_on_the_server(server, admin, postgres
     assert not admin.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
 
 
+def test_while_its_database_is_away_the_server_answers_503_never_401(server, postgres) -> None:
+    """An outage must read as one (503, which MLflow's client retries), for the proxied artifact uploads too: a
+    401 reads as a wrong login, which nothing retries (a sweep's trial that was uploading its config failed)."""
+    login, base = (ADMIN, PASSWORD), server["url"]
+    upload = f"{base}/api/2.0/mlflow-artifacts/artifacts/outage-check/note.txt"
+    postgres.stop()
+    try:
+        answers = [requests.put(upload, data=b"x", auth=login, timeout=30).status_code,
+                   requests.get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", auth=login,
+                                timeout=30).status_code]  # fmt: skip
+    finally:
+        postgres.start()
+    assert answers == [503, 503]
+    deadline = time.monotonic() + 30  # the server's pool replaces its dead connections
+    while (answer := requests.put(upload, data=b"x", auth=login, timeout=30).status_code) != 200:
+        assert answer == 503 and time.monotonic() < deadline, answer
+        time.sleep(0.5)
+
+
 OUTAGE_S = 12  # the code waits up to outage_wait (default 120 s); the test keeps it short
 
 
@@ -210,7 +230,8 @@ def test_a_sweep_rides_out_its_database_going_away(server, admin, postgres, post
     output = (tmp_path / "sweep.log").read_text()
     assert "unreachable, retrying for up to 60 s" in output and "Traceback" not in output, output[-3000:]
     study = optuna.load_study(study_name="outage", storage=postgres_url)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2  # none lost, failed or re-run
+    reasons = [t.user_attrs.get("fail_reason") for t in study.trials]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2, reasons  # none lost, failed or re-run
     runs = admin.search_runs([experiment.experiment_id])
     assert len(runs) == 3 and {run.info.status for run in runs} == {"FINISHED"}  # the parent and both trials
 
