@@ -15,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from aevae.checkpoints import AtomicCheckpointIO, load_weights, read_checkpoint
+from aevae.cli import main
 from aevae.data import ImageDataModule
 from aevae.errors import TrainingDiverged, UsageError
 from aevae.models import VAE
@@ -193,25 +194,34 @@ def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path: Path) -> N
     assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.zeros(3))  # the previous one, whole
 
 
-def test_unwritable_or_full_folders_fail_before_any_run(tmp_path: Path) -> None:
+def test_unwritable_or_full_folders_fail_before_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    def train(*args: str) -> str:  # `aevae train` in this process: its exit code must be 2, its stderr one line
+        capfd.readouterr()
+        assert main(["train", *args]) == 2
+        err = capfd.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        return err
+
+    monkeypatch.chdir(tmp_path)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    result = run_aevae("train", *tiny_args(uri, tmp_path), "--fit.checkpoint_dir", str(blocker / "ckpt"), cwd=tmp_path)
-    assert result.returncode == 2 and f"fit.checkpoint_dir: cannot create {blocker / 'ckpt'}" in result.stderr
+    err = train(*tiny_args(uri, tmp_path), "--fit.checkpoint_dir", str(blocker / "ckpt"))
+    assert f"fit.checkpoint_dir: cannot create {blocker / 'ckpt'}" in err
     assert not all_runs(uri)
 
-    result = run_aevae("train", *tiny_args(f"sqlite:///{blocker / 'mlflow.db'}", tmp_path), cwd=tmp_path)
-    assert result.returncode == 2 and f"tracking.uri: cannot create {blocker}" in result.stderr
+    err = train(*tiny_args(f"sqlite:///{blocker / 'mlflow.db'}", tmp_path))
+    assert f"tracking.uri: cannot create {blocker}" in err
 
     small = tmp_path / "small"
     small.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]).returncode:
         pytest.fail("mounting a 1 MiB tmpfs needs root, as in CI")
     try:
-        result = run_aevae("train", *tiny_args(uri, small), cwd=tmp_path)
-        assert result.returncode == 2
-        assert f"fit.checkpoint_dir: {small / 'checkpoints'} has 1 MiB free; checkpoints need about" in result.stderr
+        err = train(*tiny_args(uri, small))
+        assert f"fit.checkpoint_dir: {small / 'checkpoints'} has 1 MiB free; checkpoints need about" in err
         assert not all_runs(uri)
     finally:
         subprocess.run(["umount", str(small)])

@@ -153,13 +153,19 @@ def bare_run(uri: str) -> str:
         ("bare", ["--against", "mnist"], "has no config.yaml"),
     ],
 )
-def test_bad_ood_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path: Path, case, extra, message) -> None:
+def test_bad_ood_input_is_one_line_exit_2_and_writes_nothing(
+    runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, case, extra, message
+) -> None:  # in this process, as tests/test_bad_input.py: capfd sees all a library writes to the terminal too
+    from aevae.cli import main
+
     uri = runs["uri"]
     run_id = bare_run(uri) if case == "bare" else runs[case].run_id
     client = MlflowClient(uri)
     before = (client.get_run(run_id).data.metrics, client.list_artifacts(run_id))
-    done = run_aevae("ood", "--run-id", run_id, *extra, "--tracking-uri", uri, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    assert main(["ood", "--run-id", run_id, *extra, "--tracking-uri", uri]) == 2
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
     assert (client.get_run(run_id).data.metrics, client.list_artifacts(run_id)) == before
     assert not list(tmp_path.iterdir())

@@ -82,15 +82,21 @@ def test_aevae_samples_logs_scores_and_trains_the_classifier_once(vae_run, capsy
 
 
 @pytest.mark.parametrize("extra, message", [(["--n", "1"], "n: must be >= 4"), (["--components", "0"], "components")])
-def test_bad_samples_input_is_one_line_exit_2_and_writes_nothing(vae_run, tmp_path: Path, extra, message) -> None:
-    from conftest import run_aevae
+def test_bad_samples_input_is_one_line_exit_2_and_writes_nothing(
+    vae_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, extra, message
+) -> None:  # in this process, as tests/test_bad_input.py: capfd sees all a library writes to the terminal too
+    from aevae.cli import main
 
     run_id, uri = vae_run
     client = MlflowClient(uri)
     before = (client.get_run(run_id).data.metrics, client.list_artifacts(run_id), len(client.search_experiments()))
-    done = run_aevae("samples", "--run-id", run_id, *extra, "--tracking-uri", uri, cwd=tmp_path)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    assert main(["samples", "--run-id", run_id, *extra, "--tracking-uri", uri]) == 2
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
     assert (client.get_run(run_id).data.metrics, client.list_artifacts(run_id), len(client.search_experiments())) == before
+    assert not list(tmp_path.iterdir())
 
 
 def test_shifted_images_keep_their_content_and_are_seeded() -> None:

@@ -38,6 +38,17 @@ TINY_SWEEP: dict[str, Any] = {
 }
 
 
+def aevae_here(capfd: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """`aevae args` in this process (cwd and login as the test set them): its exit code and all it printed;
+    capfd sees what libraries write to the terminal too."""
+    from aevae.cli import main
+
+    capfd.readouterr()
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
 @pytest.fixture(scope="module")
 def server(postgres, tmp_path_factory) -> Iterator[dict[str, str]]:
     """`aevae server` on PostgreSQL with basic auth on loopback; its URL, database and artifact folder."""
@@ -67,7 +78,9 @@ def admin(server, monkeypatch) -> MlflowClient:
     return MlflowClient(server["url"])
 
 
-def test_a_two_worker_sweep_and_a_reproduction_land_on_the_server(server, admin, postgres_url, tmp_path) -> None:
+def test_a_two_worker_sweep_and_a_reproduction_land_on_the_server(
+    server, admin, postgres_url, tmp_path, monkeypatch, capfd
+) -> None:
     config = {**TINY_SWEEP, "overrides": {**TINY_SWEEP["overrides"], "tracking.uri": server["url"]}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     swept = run_aevae("sweep", "--config", "tiny.yaml", "--workers", "2", "--storage", postgres_url,
@@ -87,19 +100,20 @@ def test_a_two_worker_sweep_and_a_reproduction_land_on_the_server(server, admin,
         logged = [*run.data.params.values(), *run.data.tags.values()]
         assert not [value for value in logged if PASSWORD in value]
 
-    best = run_aevae("best", "--study", "tiny", "--storage", postgres_url, cwd=tmp_path, env=LOGIN, timeout=120)
-    assert best.returncode == 0, best.stderr[-3000:]
-    named = re.findall(r"MLflow run (\w+)", best.stdout)  # the best trials' runs
-    assert named and set(named) <= {run.info.run_id for run in trials}, best.stdout
+    monkeypatch.chdir(tmp_path)  # best and reproduce in this process, logged in as the admin
+    code, best = aevae_here(capfd, "best", "--study", "tiny", "--storage", postgres_url)
+    assert code == 0, best[-3000:]
+    named = re.findall(r"MLflow run (\w+)", best)  # the best trials' runs
+    assert named and set(named) <= {run.info.run_id for run in trials}, best
 
-    reproduced = run_aevae("reproduce", "--study", "tiny", "--storage", postgres_url, "--tracking-uri", server["url"],
-                           "--register-as", "tiny-vae", cwd=tmp_path, env=LOGIN, timeout=300)  # fmt: skip
-    assert reproduced.returncode == 0, reproduced.stderr[-3000:]
+    code, reproduced = aevae_here(capfd, "reproduce", "--study", "tiny", "--storage", postgres_url, "--tracking-uri",
+                                  server["url"], "--register-as", "tiny-vae")  # fmt: skip
+    assert code == 0, reproduced[-3000:]
     (version,) = admin.search_model_versions("name = 'tiny-vae'")
     run = admin.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["reproduction"] == "true"
     assert "reproduction/comparison.json" in {a.path for a in admin.list_artifacts(run.info.run_id, "reproduction")}
-    assert PASSWORD not in swept.stdout + swept.stderr + reproduced.stdout + reproduced.stderr
+    assert PASSWORD not in swept.stdout + swept.stderr + best + reproduced
 
 
 def test_the_server_refuses_a_client_without_login(server, monkeypatch) -> None:
@@ -114,14 +128,19 @@ def test_the_server_refuses_a_client_without_login(server, monkeypatch) -> None:
     ({**LOGIN, "MLFLOW_TRACKING_PASSWORD": "wrong"}, "refused the login (user 'admin': wrong username or password"),
     ({"MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": ""}, "refused the login (it needs a login"),
 ])  # fmt: skip
-def test_a_wrong_login_is_one_line_before_any_run(server, admin, tmp_path, login, message) -> None:
+def test_a_wrong_login_is_one_line_before_any_run(server, admin, tmp_path, monkeypatch, capfd, login, message):
     runs_before = len(admin.search_runs([e.experiment_id for e in admin.search_experiments()]))
-    trained = run_aevae("train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), "--tracking.uri",
-                        server["url"], cwd=tmp_path, env={**login, "HOME": str(tmp_path)}, timeout=120)  # fmt: skip
-    assert trained.returncode == 2
-    assert trained.stderr.count("\n") == 1 and message in trained.stderr, trained.stderr
-    assert "wrong" not in trained.stderr.replace("wrong username", "")  # the password is not echoed
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as user:  # this login, and no ~/.mlflow/credentials, for the command only
+        for key, value in {**login, "HOME": str(tmp_path)}.items():
+            user.setenv(key, value)
+        code, printed = aevae_here(capfd, "train", "--config", str(REPO / "experiments" / "vae_demo.yaml"),
+                                   "--tracking.uri", server["url"])  # fmt: skip
+    assert code == 2
+    assert printed.count("\n") == 1 and message in printed, printed
+    assert "wrong" not in printed.replace("wrong username", "")  # the password is not echoed
     assert len(admin.search_runs([e.experiment_id for e in admin.search_experiments()])) == runs_before
+    assert not list(tmp_path.iterdir())
 
 
 def credentials_file(folder: Path, mode: int) -> Path:
@@ -253,14 +272,15 @@ def see_it_in_a_browser(browser, url: str, run) -> None:
     see_the_latent_plot(browser, wait)
 
 
-def test_train_analyze_and_compare_work_against_the_server(server, admin, browser, tmp_path) -> None:
-    """Each command with the server's URL as its tracking URI; what it logged read back over HTTP, and the trained
-    run seen in a real browser that logs in."""
+def test_train_analyze_and_compare_work_against_the_server(server, admin, browser, tmp_path, monkeypatch, capfd):
+    """Each command (in this process) with the server's URL as its tracking URI; what it logged read back over
+    HTTP, and the trained run seen in a real browser that logs in."""
     tiny = ["--model.init_args.hidden_dims", "[32]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
             "--analysis.sample_size", "300", "--analysis.umap", "false", "--tracking.uri", server["url"]]  # fmt: skip
-    trained = run_aevae("train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), *tiny,
-                        "--tracking.experiment", "commands", cwd=tmp_path, env=LOGIN, timeout=300)  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    code, trained = aevae_here(capfd, "train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), *tiny,
+                               "--tracking.experiment", "commands")  # fmt: skip
+    assert code == 0, trained[-3000:]
     (run,) = admin.search_runs([admin.get_experiment_by_name("commands").experiment_id])
     assert run.info.status == "FINISHED" and "val/nelbo" in run.data.metrics
     logged = {a.path for path in ("", "checkpoints", "latent") for a in admin.list_artifacts(run.info.run_id, path)}
@@ -268,20 +288,20 @@ def test_train_analyze_and_compare_work_against_the_server(server, admin, browse
     see_it_in_a_browser(browser, server["url"], run)
     before = len(admin.get_metric_history(run.info.run_id, "silhouette_pca"))
 
-    analyzed = run_aevae("analyze", "--run-id", run.info.run_id, "--tracking-uri", server["url"], "--sample_size", "300",
-                         cwd=tmp_path, env=LOGIN, timeout=300)  # fmt: skip
-    assert analyzed.returncode == 0, analyzed.stderr[-3000:]
+    code, analyzed = aevae_here(capfd, "analyze", "--run-id", run.info.run_id, "--tracking-uri", server["url"],
+                                "--sample_size", "300")  # fmt: skip
+    assert code == 0, analyzed[-3000:]
     assert len(admin.get_metric_history(run.info.run_id, "silhouette_pca")) == before + 1  # its new analysis
     assert admin.get_run(run.info.run_id).info.status == "FINISHED"
 
-    compared = run_aevae("compare", "--config", str(REPO / "experiments" / "ae_vs_vae_demo.yaml"), *tiny,
-                         "--compare.seeds", "[0]", "--compare.output_dir", str(tmp_path / "out"),
-                         "--fit.checkpoint_dir", str(tmp_path / "ckpt"), cwd=tmp_path, env=LOGIN, timeout=400)  # fmt: skip
-    assert compared.returncode == 0, compared.stderr[-3000:]
+    code, compared = aevae_here(capfd, "compare", "--config", str(REPO / "experiments" / "ae_vs_vae_demo.yaml"), *tiny,
+                                "--compare.seeds", "[0]", "--compare.output_dir", str(tmp_path / "out"),
+                                "--fit.checkpoint_dir", str(tmp_path / "ckpt"))  # fmt: skip
+    assert code == 0, compared[-3000:]
     runs = admin.search_runs([admin.get_experiment_by_name("ae-vs-vae-demo").experiment_id])
     (parent,) = [r for r in runs if "compare" in r.data.tags]
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # the parent, an AE and a VAE
     table = admin.download_artifacts(parent.info.run_id, "compare/scores.csv", str(tmp_path))
     assert "vae" in Path(table).read_text().lower()
     assert {"compare/ae_vs_vae.png", "compare/scores.md"} <= {a.path for a in admin.list_artifacts(parent.info.run_id, "compare")}
-    assert PASSWORD not in trained.stdout + trained.stderr + analyzed.stdout + analyzed.stderr + compared.stdout + compared.stderr
+    assert PASSWORD not in trained + analyzed + compared

@@ -288,12 +288,6 @@ def test_interrupted_trial_is_queued_again_and_the_parent_run_killed(in_tmp: Pat
     assert parent.info.status == "KILLED"
 
 
-def test_two_workers_share_one_study_on_sqlite(in_tmp: Path) -> None:
-    assert cli.main(["sweep", "--config", str(write_sweep(in_tmp, n_trials=4)), "--workers", "2"]) == 0
-    check_one_run_per_trial(in_tmp, local_storage(in_tmp), 4)
-    assert len({run.data.tags["optuna.worker"] for run in child_runs(in_tmp)}) == 2
-
-
 def test_two_machines_share_one_study_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
     """The same command started twice at once against one PostgreSQL study, as on two machines of a cluster."""
     command = [
@@ -420,11 +414,12 @@ def test_bad_gpu_list_is_one_line_and_creates_nothing(in_tmp: Path, capsys, monk
     assert not (in_tmp / "mlruns").exists()
 
 
-def test_each_trial_records_the_gpu_its_worker_was_pinned_to(in_tmp: Path) -> None:
+def test_two_workers_share_one_study_on_sqlite_each_trial_recording_its_workers_gpu(in_tmp: Path) -> None:
     # Two GPUs stated (placement runs as on a GPU machine); the trials still train on this machine's CPU.
     write_sweep(in_tmp, n_trials=4)
     result = sweep_cli(in_tmp, "--workers", "2", "--gpus", "1,0", env={placement.FAKE_GPUS_ENV: "2"})
     assert result.returncode == 0, result.stderr[-3000:]
+    check_one_run_per_trial(in_tmp, local_storage(in_tmp), 4)
     runs = child_runs(in_tmp)
     assert len(runs) == 4 and {run.data.tags["device"] for run in runs} == {"cpu"}
     gpu_of_worker = {run.data.tags["optuna.worker"]: run.data.tags["worker.gpu"] for run in runs}
