@@ -161,11 +161,11 @@ class TrainingSteps:
         else:
             super().__setattr__(name, value)
 
-    def configure_step(self, compile_mode: str, manual_eager: bool = False) -> None:
+    def configure_step(self, compile_mode: str, manual: bool = False) -> None:
         """fit.compile: ``none`` (eager), ``compile`` (torch.compile of forward, loss and backward),
         ``reduce-overhead`` (the same, replayed through inductor's CUDA graphs) or ``cudagraph`` (the whole step
-        captured in one CUDA graph). All but eager optimize manually; eager too when manual_eager (see
-        manual_eager_fits), else under Lightning's automatic optimization."""
+        captured in one CUDA graph). All but eager optimize manually; eager too when ``manual`` (see
+        aevae.training.optimizes_manually), else under Lightning's automatic optimization."""
         self.compile_mode = compile_mode
         runners = {
             "none": EagerStep,
@@ -173,7 +173,7 @@ class TrainingSteps:
             "reduce-overhead": lambda step: CompiledStep(step, mode="reduce-overhead"),
             "cudagraph": CudaGraphStep,
         }
-        manual = compile_mode != "none" or manual_eager
+        manual = compile_mode != "none" or manual
         self.automatic_optimization = not manual
         self.step_runner = runners[compile_mode](self._forward_backward) if manual else None
 

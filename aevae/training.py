@@ -222,12 +222,17 @@ def precision_of(config: Namespace) -> str:
     return str(config.trainer.get("precision") or "32-true")
 
 
+def optimizes_manually(config: Namespace, trainer: pl.Trainer) -> bool:
+    """Whether the step optimizes manually: a compiled or captured one always, the eager one where it can (see
+    aevae.steps.manual_eager_fits); elsewhere Lightning's automatic optimization steps."""
+    return config.fit.compile != "none" or manual_eager_fits(precision_of(config), trainer)
+
+
 def step_runs(config: Namespace, trainer: pl.Trainer, datamodule: ImageDataModule) -> int:
     """fit.steps_per_call for this trainer and data (see aevae.steps.steps_per_call)."""
-    manual = config.fit.compile != "none" or manual_eager_fits(precision_of(config), trainer)
     on_device = datamodule.goes_on_device(trainer.strategy.root_device, trainer.world_size)
     in_memory = datamodule.cut_in_memory(on_device, trainer.world_size > 1)
-    return steps_per_call(config.fit.steps_per_call, manual, trainer, in_memory)
+    return steps_per_call(config.fit.steps_per_call, optimizes_manually(config, trainer), trainer, in_memory)
 
 
 def instantiate(config: Namespace, parser: ArgumentParser | None = None) -> tuple[LatentAutoencoder, ImageDataModule]:
@@ -317,7 +322,7 @@ def run_training(
         run_id=resume.run_id if resume else None,
     )
     trainer = build_trainer(config, logger, callbacks)
-    model.configure_step(config.fit.compile, manual_eager_fits(precision_of(config), trainer))
+    model.configure_step(config.fit.compile, optimizes_manually(config, trainer))
     datamodule.steps_per_call = step_runs(config, trainer, datamodule)
     client: MlflowClient | None = logger.experiment if trainer.is_global_zero else None
     run_id = logger.run_id if trainer.is_global_zero else None

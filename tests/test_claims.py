@@ -117,7 +117,9 @@ def _sweep(folder: Path, **changes) -> Path:
     return path
 
 
-def test_hyperband_sweep_stops_at_timeout_and_refuses_another_space_on_resume(tmp_path: Path) -> None:
+def test_hyperband_sweep_stops_at_timeout_and_refuses_another_space_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
     import optuna
 
     path = _sweep(tmp_path)
@@ -133,9 +135,11 @@ def test_hyperband_sweep_stops_at_timeout_and_refuses_another_space_on_resume(tm
     assert "hyperband" in parent.data.params["pruner"]
 
     _sweep(tmp_path, space={"model.latent_dim": {"low": 2, "high": 16}})
-    again = run_aevae("sweep", "--config", str(path), "--n-trials", "1", cwd=tmp_path, timeout=300)
-    assert again.returncode == 2
-    assert "with another space or objectives" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path)  # the resume is refused in this process (capfd: all it writes to the terminal)
+    capfd.readouterr()
+    assert main(["sweep", "--config", str(path), "--n-trials", "1"]) == 2
+    err = capfd.readouterr().err
+    assert "with another space or objectives" in err and len(err.strip().splitlines()) == 1, err
     assert len(optuna.load_study(study_name="claims", storage=storage).get_trials()) == len(trials)
 
 
