@@ -28,6 +28,7 @@ from aevae.checkpoints import (
     read_checkpoint,
 )
 from aevae.errors import UsageError, causes
+from aevae.interrupts import HeldInterrupts, held
 from aevae.models import LatentAutoencoder
 from aevae.steps import StepLossBar, check_compile, manual_eager_fits, plain_cuda_checks, steps_per_call
 
@@ -321,7 +322,8 @@ def run_training(
         artifact_location=tracking.artifact_location(tracking_uri),
         run_id=resume.run_id if resume else None,
     )
-    trainer = build_trainer(config, logger, callbacks)
+    interrupts = HeldInterrupts()
+    trainer = build_trainer(config, logger, [*callbacks, interrupts])
     model.configure_step(config.fit.compile, optimizes_manually(config, trainer))
     datamodule.steps_per_call = step_runs(config, trainer, datamodule)
     client: MlflowClient | None = logger.experiment if trainer.is_global_zero else None
@@ -333,11 +335,13 @@ def run_training(
         elif client is not None:
             logger.log_hyperparams(tracking.flatten(config.as_dict()))
             _log_config(client, run_id, parser, config)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
+        with held(interrupts):  # Ctrl-C between batches, never inside a store write
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}  # last epoch's
         best = trainer.checkpoint_callback.best_model_path or None
         if config.fit.test:
-            trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+            with held(interrupts):
+                trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
             metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
         if client is not None and best and config.tracking.log_checkpoints == "best":
             client.log_artifact(run_id, best, "checkpoints")

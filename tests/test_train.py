@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -91,6 +93,33 @@ def test_ctrl_c_marks_run_killed(tmp_path: Path, tracking_uri: str) -> None:
         run_training(tiny_config(tracking_uri, tmp_path), callbacks=[Raise(KeyboardInterrupt())])
     _, run = only_run(tracking_uri)
     assert run.info.status == "KILLED"
+
+
+def test_ctrl_c_inside_a_store_write_lets_the_write_finish_and_the_run_ends_killed(
+    tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C that arrives while the first val/loss is being written is held to the next batch (a Ctrl-C raised
+    inside an MLflow write to SQLite could leave the store locked, so that the run could not be closed KILLED)."""
+    real_log_batch = MlflowClient.log_batch
+
+    def log_batch(self, *args, **kwargs):
+        metrics = kwargs.get("metrics", args[1] if len(args) > 1 else ())
+        if any(metric.key == "val/loss" for metric in metrics or ()) and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered as the write starts
+        return real_log_batch(self, *args, **kwargs)
+
+    sent: list[bool] = []
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, if pytest ignores it
+    try:
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            run_training(tiny_config(tracking_uri, tmp_path, "--trainer.max_epochs", "50"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    client, run = only_run(tracking_uri)
+    assert sent and run.info.status == "KILLED"
+    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 1  # the write under way finished; no more
 
 
 BAD_CONFIGS = [
