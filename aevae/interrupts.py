@@ -24,6 +24,7 @@ class HeldInterrupts(Callback):
 
     def hold(self, signum: int, frame: Any) -> None:
         if self.pending:  # asked twice: the user does not want to wait for the batch
+            self.pending = False
             raise KeyboardInterrupt
         self.pending = True
 

@@ -122,6 +122,21 @@ def test_ctrl_c_inside_a_store_write_lets_the_write_finish_and_the_run_ends_kill
     assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 1  # the write under way finished; no more
 
 
+def test_a_second_ctrl_c_is_not_held() -> None:
+    from aevae.interrupts import HeldInterrupts
+
+    interrupts = HeldInterrupts()
+    interrupts.hold(signal.SIGINT, None)  # the first waits for the next batch hook
+    assert interrupts.pending
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.hold(signal.SIGINT, None)  # the second does not wait
+    interrupts.raise_if_pending()  # and the next batch hook does not raise it again
+    interrupts.hold(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.raise_if_pending()  # one held Ctrl-C: raised at the next batch hook, once
+    interrupts.raise_if_pending()
+
+
 BAD_CONFIGS = [
     (["--model.latent_dim", "0"], "model.latent_dim"),
     (["--model.latent_dim", "-3"], "model.latent_dim"),
