@@ -33,9 +33,7 @@ class HeldInterrupts(Callback):
             self.pending = False
             raise KeyboardInterrupt
 
-    on_train_batch_start = on_train_batch_end = raise_if_pending
-    on_validation_batch_start = on_validation_batch_end = raise_if_pending
-    on_test_batch_start = on_test_batch_end = raise_if_pending
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = raise_if_pending  # one hook a batch suffices
 
 
 @contextmanager

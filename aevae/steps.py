@@ -161,11 +161,11 @@ class TrainingSteps:
         else:
             super().__setattr__(name, value)
 
-    def configure_step(self, compile_mode: str, manual: bool = False) -> None:
+    def configure_step(self, compile_mode: str, manual: bool) -> None:
         """fit.compile: ``none`` (eager), ``compile`` (torch.compile of forward, loss and backward),
         ``reduce-overhead`` (the same, replayed through inductor's CUDA graphs) or ``cudagraph`` (the whole step
-        captured in one CUDA graph). All but eager optimize manually; eager too when ``manual`` (see
-        aevae.training.optimizes_manually), else under Lightning's automatic optimization."""
+        captured in one CUDA graph), optimizing manually or under Lightning's automatic optimization as ``manual``
+        says (aevae.training.optimizes_manually: all but eager always manually)."""
         self.compile_mode = compile_mode
         runners = {
             "none": EagerStep,
@@ -173,7 +173,6 @@ class TrainingSteps:
             "reduce-overhead": lambda step: CompiledStep(step, mode="reduce-overhead"),
             "cudagraph": CudaGraphStep,
         }
-        manual = compile_mode != "none" or manual
         self.automatic_optimization = not manual
         self.step_runner = runners[compile_mode](self._forward_backward) if manual else None
 
