@@ -55,6 +55,17 @@ def run_aevae(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] |
     )
 
 
+def aevae_here(capfd: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`aevae args` in this process (its cwd and environment as the test set them): exit code, stdout, stderr.
+    capfd captures the process's file descriptors, so what a library writes to the terminal is in them too."""
+    from aevae.cli import main
+
+    capfd.readouterr()
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
 DEMO_RUNS = ("study-demo", "vae-z4-b1-s0", "vae-z8-b4-s0", "ae-z4-s0")  # a study of two VAEs, and an AE
 LATENT_PLOT, PLOT_SIDE = "latent/pca.png", 64  # a PLOT_SIDE x PLOT_SIDE PNG
 

@@ -23,7 +23,7 @@ from aevae.cli import main
 from aevae.errors import UsageError
 from aevae.models import VAE
 from aevae.training import parse_config, run_training
-from conftest import REPO, cli_env, run_aevae
+from conftest import REPO, aevae_here, cli_env, run_aevae
 
 DEMO = str(REPO / "experiments" / "vae_demo.yaml")
 TINY = [
@@ -136,9 +136,8 @@ def test_hyperband_sweep_stops_at_timeout_and_refuses_another_space_on_resume(
 
     _sweep(tmp_path, space={"model.latent_dim": {"low": 2, "high": 16}})
     monkeypatch.chdir(tmp_path)  # the resume is refused in this process (capfd: all it writes to the terminal)
-    capfd.readouterr()
-    assert main(["sweep", "--config", str(path), "--n-trials", "1"]) == 2
-    err = capfd.readouterr().err
+    code, _, err = aevae_here(capfd, "sweep", "--config", str(path), "--n-trials", "1")
+    assert code == 2, err
     assert "with another space or objectives" in err and len(err.strip().splitlines()) == 1, err
     assert len(optuna.load_study(study_name="claims", storage=storage).get_trials()) == len(trials)
 

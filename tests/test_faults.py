@@ -20,7 +20,7 @@ from aevae.data import ImageDataModule
 from aevae.errors import TrainingDiverged, UsageError
 from aevae.models import VAE
 from aevae.training import parse_config, run_training
-from conftest import REPO, cli_env, run_aevae
+from conftest import REPO, aevae_here, cli_env, run_aevae
 
 DEMO = str(REPO / "experiments" / "vae_demo.yaml")
 
@@ -198,9 +198,8 @@ def test_unwritable_or_full_folders_fail_before_any_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
     def train(*args: str) -> str:  # `aevae train` in this process: its exit code must be 2, its stderr one line
-        capfd.readouterr()
-        assert main(["train", *args]) == 2
-        err = capfd.readouterr().err
+        code, _, err = aevae_here(capfd, "train", *args)
+        assert code == 2, err
         assert len(err.strip().splitlines()) == 1, err
         return err
 

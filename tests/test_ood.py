@@ -14,7 +14,7 @@ from aevae.ood import OodOptions, detect, other_data
 from aevae.ood_metrics import auroc, aupr, detection_metrics, fpr_at_tpr
 from aevae.ood_scores import LatentGaussian, png_bits, score_images
 from aevae.training import parse_config, run_training
-from conftest import run_aevae
+from conftest import aevae_here, run_aevae
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,16 +156,13 @@ def bare_run(uri: str) -> str:
 def test_bad_ood_input_is_one_line_exit_2_and_writes_nothing(
     runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, case, extra, message
 ) -> None:  # in this process, as tests/test_bad_input.py: capfd sees all a library writes to the terminal too
-    from aevae.cli import main
-
     uri = runs["uri"]
     run_id = bare_run(uri) if case == "bare" else runs[case].run_id
     client = MlflowClient(uri)
     before = (client.get_run(run_id).data.metrics, client.list_artifacts(run_id))
     monkeypatch.chdir(tmp_path)
-    capfd.readouterr()
-    assert main(["ood", "--run-id", run_id, *extra, "--tracking-uri", uri]) == 2
-    err = capfd.readouterr().err
+    code, _, err = aevae_here(capfd, "ood", "--run-id", run_id, *extra, "--tracking-uri", uri)
+    assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert (client.get_run(run_id).data.metrics, client.list_artifacts(run_id)) == before
     assert not list(tmp_path.iterdir())

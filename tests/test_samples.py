@@ -85,15 +85,14 @@ def test_aevae_samples_logs_scores_and_trains_the_classifier_once(vae_run, capsy
 def test_bad_samples_input_is_one_line_exit_2_and_writes_nothing(
     vae_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, extra, message
 ) -> None:  # in this process, as tests/test_bad_input.py: capfd sees all a library writes to the terminal too
-    from aevae.cli import main
+    from conftest import aevae_here
 
     run_id, uri = vae_run
     client = MlflowClient(uri)
     before = (client.get_run(run_id).data.metrics, client.list_artifacts(run_id), len(client.search_experiments()))
     monkeypatch.chdir(tmp_path)
-    capfd.readouterr()
-    assert main(["samples", "--run-id", run_id, *extra, "--tracking-uri", uri]) == 2
-    err = capfd.readouterr().err
+    code, _, err = aevae_here(capfd, "samples", "--run-id", run_id, *extra, "--tracking-uri", uri)
+    assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert (client.get_run(run_id).data.metrics, client.list_artifacts(run_id), len(client.search_experiments())) == before
     assert not list(tmp_path.iterdir())

@@ -16,7 +16,7 @@ import optuna
 import pytest
 import requests
 import yaml
-from conftest import REPO, cli_env, free_port, new_database, run_aevae, see_the_latent_plot, wait_until_healthy
+from conftest import REPO, aevae_here, cli_env, free_port, new_database, run_aevae, see_the_latent_plot, wait_until_healthy
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
@@ -36,17 +36,6 @@ TINY_SWEEP: dict[str, Any] = {
     "heartbeat_interval": 1,
     "grace_period": 3,
 }
-
-
-def aevae_here(capfd: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """`aevae args` in this process (cwd and login as the test set them): its exit code and all it printed;
-    capfd sees what libraries write to the terminal too."""
-    from aevae.cli import main
-
-    capfd.readouterr()
-    code = main(list(args))
-    out, err = capfd.readouterr()
-    return code, out + err
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +90,15 @@ def test_a_two_worker_sweep_and_a_reproduction_land_on_the_server(
         assert not [value for value in logged if PASSWORD in value]
 
     monkeypatch.chdir(tmp_path)  # best and reproduce in this process, logged in as the admin
-    code, best = aevae_here(capfd, "best", "--study", "tiny", "--storage", postgres_url)
+    code, out, err = aevae_here(capfd, "best", "--study", "tiny", "--storage", postgres_url)
+    best = out + err
     assert code == 0, best[-3000:]
     named = re.findall(r"MLflow run (\w+)", best)  # the best trials' runs
     assert named and set(named) <= {run.info.run_id for run in trials}, best
 
-    code, reproduced = aevae_here(capfd, "reproduce", "--study", "tiny", "--storage", postgres_url, "--tracking-uri",
+    code, out, err = aevae_here(capfd, "reproduce", "--study", "tiny", "--storage", postgres_url, "--tracking-uri",
                                   server["url"], "--register-as", "tiny-vae")  # fmt: skip
+    reproduced = out + err
     assert code == 0, reproduced[-3000:]
     (version,) = admin.search_model_versions("name = 'tiny-vae'")
     run = admin.get_run(version.run_id)
@@ -134,8 +125,9 @@ def test_a_wrong_login_is_one_line_before_any_run(server, admin, tmp_path, monke
     with monkeypatch.context() as user:  # this login, and no ~/.mlflow/credentials, for the command only
         for key, value in {**login, "HOME": str(tmp_path)}.items():
             user.setenv(key, value)
-        code, printed = aevae_here(capfd, "train", "--config", str(REPO / "experiments" / "vae_demo.yaml"),
+        code, out, err = aevae_here(capfd, "train", "--config", str(REPO / "experiments" / "vae_demo.yaml"),
                                    "--tracking.uri", server["url"])  # fmt: skip
+        printed = out + err
     assert code == 2
     assert printed.count("\n") == 1 and message in printed, printed
     assert "wrong" not in printed.replace("wrong username", "")  # the password is not echoed
@@ -278,8 +270,9 @@ def test_train_analyze_and_compare_work_against_the_server(server, admin, browse
     tiny = ["--model.init_args.hidden_dims", "[32]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
             "--analysis.sample_size", "300", "--analysis.umap", "false", "--tracking.uri", server["url"]]  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    code, trained = aevae_here(capfd, "train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), *tiny,
+    code, out, err = aevae_here(capfd, "train", "--config", str(REPO / "experiments" / "vae_demo.yaml"), *tiny,
                                "--tracking.experiment", "commands")  # fmt: skip
+    trained = out + err
     assert code == 0, trained[-3000:]
     (run,) = admin.search_runs([admin.get_experiment_by_name("commands").experiment_id])
     assert run.info.status == "FINISHED" and "val/nelbo" in run.data.metrics
@@ -288,15 +281,17 @@ def test_train_analyze_and_compare_work_against_the_server(server, admin, browse
     see_it_in_a_browser(browser, server["url"], run)
     before = len(admin.get_metric_history(run.info.run_id, "silhouette_pca"))
 
-    code, analyzed = aevae_here(capfd, "analyze", "--run-id", run.info.run_id, "--tracking-uri", server["url"],
+    code, out, err = aevae_here(capfd, "analyze", "--run-id", run.info.run_id, "--tracking-uri", server["url"],
                                 "--sample_size", "300")  # fmt: skip
+    analyzed = out + err
     assert code == 0, analyzed[-3000:]
     assert len(admin.get_metric_history(run.info.run_id, "silhouette_pca")) == before + 1  # its new analysis
     assert admin.get_run(run.info.run_id).info.status == "FINISHED"
 
-    code, compared = aevae_here(capfd, "compare", "--config", str(REPO / "experiments" / "ae_vs_vae_demo.yaml"), *tiny,
+    code, out, err = aevae_here(capfd, "compare", "--config", str(REPO / "experiments" / "ae_vs_vae_demo.yaml"), *tiny,
                                 "--compare.seeds", "[0]", "--compare.output_dir", str(tmp_path / "out"),
                                 "--fit.checkpoint_dir", str(tmp_path / "ckpt"))  # fmt: skip
+    compared = out + err
     assert code == 0, compared[-3000:]
     runs = admin.search_runs([admin.get_experiment_by_name("ae-vs-vae-demo").experiment_id])
     (parent,) = [r for r in runs if "compare" in r.data.tags]
