@@ -25,8 +25,13 @@ system-deps:
 demo: install
 	$(BIN)/aevae compare --config experiments/ae_vs_vae_demo.yaml
 
+# Two passes: every test but those marked serial on PYTEST_WORKERS processes (pytest-xdist: test by test, a file
+# that shares a costly module fixture as one group), then the serial ones (signals, kills, heartbeats, an outage)
+# with the machine to themselves.
+PYTEST_WORKERS ?= 2
 test: install system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 # Mutation testing of the numeric core (not in CI; an hour or more on 2 cores): the functions below, mutated one
 # at a time, each run against the fast numeric tests ([tool.mutmut] in pyproject.toml). Score: docs/faults.md.

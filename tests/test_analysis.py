@@ -17,6 +17,8 @@ from aevae.data import ImageDataModule
 from aevae.models import VAE
 from aevae.training import parse_config, run_training
 
+pytestmark = pytest.mark.xdist_group("test_analysis")  # `make test`: one worker runs this file, making `trained` once
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--config", str(REPO / "experiments" / "vae_demo.yaml"), "--model.init_args.hidden_dims", "[32]",

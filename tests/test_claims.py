@@ -23,7 +23,7 @@ from aevae.cli import main
 from aevae.errors import UsageError
 from aevae.models import VAE
 from aevae.training import parse_config, run_training
-from conftest import REPO, aevae_here, cli_env, run_aevae
+from conftest import REPO, aevae_here, cli_env
 
 DEMO = str(REPO / "experiments" / "vae_demo.yaml")
 TINY = [
@@ -44,6 +44,7 @@ def test_ui_listens_on_loopback_only(tmp_path: Path, serve_ui) -> None:
     assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}  # not 0.0.0.0, not ::
 
 
+@pytest.mark.serial
 def test_sigterm_ends_a_training_killed_in_the_store_of_mlflow_tracking_uri(tmp_path: Path) -> None:
     """A real SIGTERM to a real `aevae train`; no --tracking.uri: MLFLOW_TRACKING_URI names the store."""
     uri = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
@@ -123,9 +124,10 @@ def test_hyperband_sweep_stops_at_timeout_and_refuses_another_space_on_resume(
     import optuna
 
     path = _sweep(tmp_path)
+    monkeypatch.chdir(tmp_path)  # in this process (capfd: all it writes to the terminal)
     started = time.monotonic()
-    result = run_aevae("sweep", "--config", str(path), "--timeout", "2", cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, err = aevae_here(capfd, "sweep", "--config", str(path), "--timeout", "2")
+    assert code == 0, err[-3000:]
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     study = optuna.load_study(study_name="claims", storage=storage)
     trials = study.get_trials()
@@ -135,7 +137,6 @@ def test_hyperband_sweep_stops_at_timeout_and_refuses_another_space_on_resume(
     assert "hyperband" in parent.data.params["pruner"]
 
     _sweep(tmp_path, space={"model.latent_dim": {"low": 2, "high": 16}})
-    monkeypatch.chdir(tmp_path)  # the resume is refused in this process (capfd: all it writes to the terminal)
     code, _, err = aevae_here(capfd, "sweep", "--config", str(path), "--n-trials", "1")
     assert code == 2, err
     assert "with another space or objectives" in err and len(err.strip().splitlines()) == 1, err

@@ -10,6 +10,7 @@ from contextlib import closing
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -17,6 +18,7 @@ from optuna.trial import TrialState
 from aevae import sweep
 from conftest import REPO, cli_env, run_aevae
 
+pytestmark = pytest.mark.serial  # their races are real only with the machine to themselves
 DEMO = str(REPO / "experiments" / "vae_demo.yaml")
 EPOCHS = 2
 TINY = ["--model.hidden_dims", "[16]", "--trainer.max_epochs", str(EPOCHS), "--trainer.limit_train_batches", "3",

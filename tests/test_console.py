@@ -10,6 +10,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO, cli_env, run_aevae
@@ -52,6 +53,7 @@ def test_quiet_prints_only_the_result(tmp_path: Path) -> None:
     assert result.stdout.startswith("run ") and " finished: sqlite:///" in result.stdout
 
 
+@pytest.mark.serial
 def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path: Path) -> None:
     train = subprocess.Popen(
         [sys.executable, "-m", "aevae", *TRAIN, "--trainer.max_epochs", "100000"],  # never ends by itself

@@ -92,10 +92,11 @@ def test_divergence_stops_at_once_fails_the_run_keeps_last_good_checkpoint(tmp_p
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
 
 
-def test_divergence_from_the_cli_is_one_line_exit_1(tmp_path: Path, tracking_uri: str) -> None:
-    result = run_aevae("train", *tiny_args(tracking_uri, tmp_path), "--model.lr", "1e8", cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("aevae train: training diverged at epoch 0, step ")
+def test_divergence_from_the_cli_is_one_line_exit_1(tmp_path: Path, tracking_uri: str, monkeypatch, capfd) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = aevae_here(capfd, "train", *tiny_args(tracking_uri, tmp_path), "--model.lr", "1e8")
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("aevae train: training diverged at epoch 0, step ")
     assert all_runs(tracking_uri)[0].info.status == "FAILED"
 
 
@@ -127,7 +128,9 @@ def test_skip_policy_skips_and_counts_bad_batches(tmp_path: Path, tracking_uri: 
     assert run.info.status == "FINISHED" and run.data.metrics["train/skipped_batches"] == 1.0
 
 
-def test_corrupt_checkpoint_on_resume_is_one_line_and_untouched(tmp_path: Path, tracking_uri: str) -> None:
+def test_corrupt_checkpoint_on_resume_is_one_line_and_untouched(
+    tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
     args = tiny_args(tracking_uri, tmp_path, epochs=1)
     first = run_training(parse_config(args))
     client = MlflowClient(tracking_uri)
@@ -135,9 +138,10 @@ def test_corrupt_checkpoint_on_resume_is_one_line_and_untouched(tmp_path: Path, 
     (last,) = (tmp_path / "checkpoints").rglob("last.ckpt")
     last.write_bytes(last.read_bytes()[:5000])  # truncated
     before = last.read_bytes()
-    result = run_aevae("train", *args, "--fit.resume", first.run_id, cwd=tmp_path)
-    assert result.returncode == 2
-    line = result.stderr.strip()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = aevae_here(capfd, "train", *args, "--fit.resume", first.run_id)
+    assert code == 2
+    line = err.strip()
     assert line.startswith(f"aevae train: error: checkpoint {last} is truncated or corrupt (") and "\n" not in line
     assert last.read_bytes() == before
     assert client.get_run(first.run_id).info.status == "KILLED"

@@ -14,7 +14,9 @@ from aevae.ood import OodOptions, detect, other_data
 from aevae.ood_metrics import auroc, aupr, detection_metrics, fpr_at_tpr
 from aevae.ood_scores import LatentGaussian, png_bits, score_images
 from aevae.training import parse_config, run_training
-from conftest import aevae_here, run_aevae
+from conftest import aevae_here
+
+pytestmark = pytest.mark.xdist_group("test_ood")  # `make test`: one worker runs this file, making `runs` once
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,12 +124,13 @@ def test_detect_scores_held_out_classes_of_the_same_source(runs) -> None:
     data.classes = None
 
 
-def test_aevae_ood_logs_metrics_and_plots_into_the_run(runs, tmp_path: Path) -> None:
+def test_aevae_ood_logs_metrics_and_plots_into_the_run(runs, tmp_path: Path, monkeypatch, capfd) -> None:
     run_id, uri = runs["vae"].run_id, runs["uri"]
-    done = run_aevae("ood", "--run-id", run_id, "--against", "fashion-mnist", "--k", "5", "--max_images", "300",
-                     "--bootstrap", "20", "--tracking-uri", uri, cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "| iwae |" in done.stdout and "| complexity |" in done.stdout
+    monkeypatch.chdir(tmp_path)
+    code, out, err = aevae_here(capfd, "ood", "--run-id", run_id, "--against", "fashion-mnist", "--k", "5",
+                                "--max_images", "300", "--bootstrap", "20", "--tracking-uri", uri)  # fmt: skip
+    assert code == 0, err
+    assert "| iwae |" in out and "| complexity |" in out
     client = MlflowClient(uri)
     metrics = client.get_run(run_id).data.metrics
     for score in ("recon", "nelbo", "iwae", "mahalanobis", "complexity"):

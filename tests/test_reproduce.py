@@ -21,7 +21,9 @@ from aevae.distributed import scale_batch, world_size
 from aevae.errors import UsageError
 from aevae.models import VAE
 from aevae.training import parse_config, run_training
-from conftest import REPO, run_aevae
+from conftest import REPO, aevae_here, run_aevae
+
+pytestmark = pytest.mark.xdist_group("test_reproduce")  # `make test`: one worker runs this file, making `ddp_run` once
 
 DEMO = str(REPO / "experiments" / "vae_demo.yaml")
 TINY = [
@@ -125,16 +127,17 @@ def test_ddp_on_two_cpu_processes_with_uneven_shards(ddp_run: DDPRun) -> None:
     assert read_checkpoint(checkpoint)["epoch"] == best_epoch
 
 
-def test_scale_lr_back_to_one_device_keeps_the_batch_and_scales_the_lr(ddp_run: DDPRun) -> None:
+def test_scale_lr_back_to_one_device_keeps_the_batch_and_scales_the_lr(ddp_run: DDPRun, monkeypatch, capfd) -> None:
     """The DDP run (2 processes x 8 images, lr 1e-12) reproduced on one device with --scale-lr: batch 8 kept, lr
     1e-12 * 1 / 2. Without --scale-lr it would be batch 16 and lr 1e-12. Read back from the run, the checkpoint's
     hyperparameters, its optimizer (the lr Adam used) and its step count (the batch the loader cut)."""
     ddp_id = ddp_run.run.info.run_id
-    result = run_aevae(
-        "reproduce", "--run-id", ddp_id, "--devices", "1", "--scale-lr", "true", "--max-epochs", "1", "--register-as", "",
-        "--tracking-uri", ddp_run.tracking_uri, cwd=ddp_run.folder,
+    monkeypatch.chdir(ddp_run.folder)  # one device: in this process
+    code, _, err = aevae_here(
+        capfd, "reproduce", "--run-id", ddp_id, "--devices", "1", "--scale-lr", "true", "--max-epochs", "1",
+        "--register-as", "", "--tracking-uri", ddp_run.tracking_uri,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert code == 0, err[-3000:]
     client = MlflowClient(ddp_run.tracking_uri)
     (run,) = [r for r in runs(ddp_run.tracking_uri) if r.data.tags.get("source_run_id") == ddp_id]
     lr, batch = 1e-12 * 1 / 2, 8

@@ -11,6 +11,8 @@ from mlflow import MlflowClient
 
 from aevae.samples import frechet_distance, frechet_distance_from_stats, gmm_codes, knn_radii, precision_recall
 
+pytestmark = pytest.mark.xdist_group("test_samples")  # `make test`: one worker runs this file, making `vae_run` once
+
 
 def test_frechet_distance_of_a_set_with_itself_is_zero() -> None:
     features = np.random.default_rng(0).normal(size=(2000, 8))

@@ -7,7 +7,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from aevae.tracking import flatten, mask_secrets
-from conftest import REPO, run_aevae
+from conftest import REPO, aevae_here, run_aevae
 
 DEMO = str(REPO / "experiments" / "vae_demo.yaml")
 EVIL = '''
@@ -31,13 +31,14 @@ def test_class_paths_outside_the_allow_list_are_not_even_imported(tmp_path: Path
     assert not (tmp_path / "mlruns").exists()
 
 
-def test_yaml_tags_that_build_python_objects_are_refused(tmp_path: Path) -> None:
+def test_yaml_tags_that_build_python_objects_are_refused(tmp_path: Path, monkeypatch, capfd) -> None:
     config = tmp_path / "evil.yaml"
     config.write_text(f"seed: !!python/object/apply:os.system ['touch {tmp_path / 'pwned'}']\n")
-    result = run_aevae("train", "--config", DEMO, "--config", str(config), cwd=tmp_path)
-    assert result.returncode == 2
+    monkeypatch.chdir(tmp_path)
+    code, _, err = aevae_here(capfd, "train", "--config", DEMO, "--config", str(config))
+    assert code == 2
     assert not (tmp_path / "pwned").exists()
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_passwords_in_urls_are_masked() -> None:
@@ -56,15 +57,15 @@ def test_a_secret_in_a_tracking_uri_is_never_printed(tmp_path: Path) -> None:
     assert "ann:***@" in result.stderr
 
 
-def test_logged_params_and_config_hold_no_secret(tmp_path: Path, tracking_uri: str) -> None:
-    result = run_aevae(
-        "train", "--config", DEMO, "--model.hidden_dims", "[16]", "--trainer.max_epochs", "1",
+def test_logged_params_and_config_hold_no_secret(tmp_path: Path, tracking_uri: str, monkeypatch, capfd) -> None:
+    monkeypatch.chdir(tmp_path)  # what it records is the point here, not what a process prints: in this process
+    code, _, err = aevae_here(
+        capfd, "train", "--config", DEMO, "--model.hidden_dims", "[16]", "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--analysis.enabled", "false",
         "--tracking.uri", tracking_uri, "--tracking.run_name", "run-with-secret",
         "--data.root", "https://user:topsecret@data.lab/mnist",
-        cwd=tmp_path,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert code == 0, err[-2000:]
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.params["data.root"] == "https://user:***@data.lab/mnist"

@@ -23,6 +23,8 @@ from optuna.trial import TrialState
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+pytestmark = pytest.mark.xdist_group("test_server")  # `make test`: one worker runs this file, making `server` once
+
 ADMIN, PASSWORD = "admin", "s3cr3t-Pa55word-for-tests"
 LOGIN = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
 TINY_SWEEP: dict[str, Any] = {
@@ -34,7 +36,7 @@ TINY_SWEEP: dict[str, Any] = {
     "objectives": [{"metric": "val/nelbo", "direction": "minimize"}],
     "n_trials": 2,
     "heartbeat_interval": 1,
-    "grace_period": 3,
+    "grace_period": 30,  # a trial is stale only if its worker died; the kill test shortens it
 }
 
 
@@ -167,10 +169,11 @@ def test_server_bad_input_is_one_line_and_starts_nothing(args, message, postgres
     assert PASSWORD not in error and not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.serial
 def test_a_sigkilled_workers_run_is_closed_on_the_server(server, admin, postgres_url, tmp_path):
     overrides = {**TINY_SWEEP["overrides"], "tracking.uri": server["url"], "trainer.max_epochs": 3,
                  "trainer.limit_train_batches": 8, "tracking.log_checkpoints": "none", "tracking.experiment": "killed"}  # fmt: skip
-    (tmp_path / "killed.yaml").write_text(yaml.safe_dump({**TINY_SWEEP, "overrides": overrides}))
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump({**TINY_SWEEP, "overrides": overrides, "grace_period": 3}))
     command = [sys.executable, "-m", "aevae", "sweep", "--config", "killed.yaml", "--workers", "2", "--storage", postgres_url]
     log = (tmp_path / "sweep.log").open("w")
     sweep = subprocess.Popen(command, cwd=tmp_path, env=cli_env(LOGIN), stdout=log, stderr=subprocess.STDOUT)
@@ -193,6 +196,7 @@ def test_a_sigkilled_workers_run_is_closed_on_the_server(server, admin, postgres
     assert not admin.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
 
 
+@pytest.mark.serial
 def test_while_its_database_is_away_the_server_answers_503_never_401(server, postgres) -> None:
     """An outage must read as one (503, which MLflow's client retries), for the proxied artifact uploads too: a
     401 reads as a wrong login, which nothing retries (a sweep's trial that was uploading its config failed)."""
@@ -215,6 +219,7 @@ def test_while_its_database_is_away_the_server_answers_503_never_401(server, pos
 OUTAGE_S = 12  # the code waits up to outage_wait (default 120 s); the test keeps it short
 
 
+@pytest.mark.serial
 def test_a_sweep_rides_out_its_database_going_away(server, admin, postgres, postgres_url, tmp_path):
     """PostgreSQL (the server's store and the study's) stops while both workers train, and comes back."""
     overrides = {**TINY_SWEEP["overrides"], "tracking.uri": server["url"], "trainer.max_epochs": 4,
