@@ -29,14 +29,20 @@ class InMemoryImages(Dataset):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> Batch:
-        index = torch.as_tensor(indices)
-        return self.images[index], self.labels[index]
+        return gather(self.images, self.labels, torch.as_tensor(indices))
 
     def nbytes(self) -> int:
         return self.images.nbytes + self.labels.nbytes
 
     def to(self, device: torch.device) -> InMemoryImages:
         return InMemoryImages(self.images.to(device), self.labels.to(device))
+
+
+def gather(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> Batch:
+    """The batch at index: the same tensors as images[index], labels[index]. On the CPU, indexing a [N, C, H, W]
+    tensor with a tensor takes about 7x as long as index_select (0.06 against 0.008 ms for 128 MNIST images on 2
+    cores), a few percent of a tiny model's step."""
+    return images.index_select(0, index), labels.index_select(0, index)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -113,7 +119,7 @@ class IndexBatches:
         generator = torch.Generator(device=labels.device).manual_seed(seed)
         order = torch.randperm(len(labels), generator=generator, device=labels.device)
         for index in order.split(self.batch_size):
-            yield images[index], labels[index]
+            yield gather(images, labels, index)
 
 
 def device_placement(on_device: str, device: torch.device, world_size: int, need: int, free: int | None) -> bool:

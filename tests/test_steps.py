@@ -52,6 +52,8 @@ def test_index_batches_are_the_dataloaders_batches() -> None:
         batches = IndexBatches(data, batch_size=10, shuffle=shuffle)
         got = [[labels.tolist() for _, labels in batches] for _epoch in range(3)]
         assert got == expected and len(batches) == len(loader) == 11
+        for images, labels in [*batches, *loader]:  # each image with its own label (image i holds the number i)
+            assert images.flatten().tolist() == labels.float().tolist()
     assert expected[0] != expected[1] or not shuffle
 
 
