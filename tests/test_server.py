@@ -36,7 +36,7 @@ TINY_SWEEP: dict[str, Any] = {
     "objectives": [{"metric": "val/nelbo", "direction": "minimize"}],
     "n_trials": 2,
     "heartbeat_interval": 1,
-    "grace_period": 30,  # a trial is stale only if its worker died; the kill test shortens it
+    "grace_period": 30,  # a trial is stale only if its worker died; the kill and outage tests shorten it
 }
 
 
@@ -224,7 +224,9 @@ def test_a_sweep_rides_out_its_database_going_away(server, admin, postgres, post
     """PostgreSQL (the server's store and the study's) stops while both workers train, and comes back."""
     overrides = {**TINY_SWEEP["overrides"], "tracking.uri": server["url"], "trainer.max_epochs": 4,
                  "trainer.limit_train_batches": 8, "tracking.log_checkpoints": "none", "tracking.experiment": "outage"}  # fmt: skip
-    config = {**TINY_SWEEP, "overrides": overrides, "outage_wait": 60}  # two trials, one per worker
+    # Two trials, one per worker; a grace (3 s) shorter than the outage: no heartbeat lands while the database is
+    # away, and a trial must not then be failed as stale when it comes back.
+    config = {**TINY_SWEEP, "overrides": overrides, "outage_wait": 60, "grace_period": 3}
     (tmp_path / "outage.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "aevae", "sweep", "--config", "outage.yaml", "--workers", "2", "--storage", postgres_url]
     log = (tmp_path / "sweep.log").open("w")
