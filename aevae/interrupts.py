@@ -1,4 +1,5 @@
-"""Ctrl-C during fit and test lands between batches, never inside a write to the tracking store."""
+"""Ctrl-C (and SIGTERM, where it acts as Ctrl-C) during fit and test lands between batches, never inside a write to
+the tracking store."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class HeldInterrupts(Callback):
@@ -38,18 +40,25 @@ class HeldInterrupts(Callback):
 
 @contextmanager
 def held(callback: HeldInterrupts) -> Iterator[None]:
-    """Within the block, SIGINT (where it raises KeyboardInterrupt, Python's default) is held by the callback; one
-    that came after the last batch hook is raised when the block ends. An ignored SIGINT, and SIGINT outside the
-    main thread, are left alone. SIGTERM is too: Lightning handles it in fit (its own stop, exit 0) unless it
-    raises at once, which is what `aevae train` and sweep workers make it do."""
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    """Within the block, SIGINT and SIGTERM, each where it raises KeyboardInterrupt (Python's default for SIGINT;
+    `aevae train` and sweep workers give SIGTERM the same), are held by the callback; one that came after the last
+    batch hook is raised when the block ends. A signal with another handler (ignored, Lightning's own stop for a
+    plain SIGTERM), and signals outside the main thread, are left alone. Lightning adds its SIGTERM notice in fit,
+    still calls the held handler after it, and may stop at its own next boundary first, with a SIGTERMException
+    (a SystemExit with code 0): that ends as the held Ctrl-C would, a KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, callback.hold)
+    raising = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is signal.default_int_handler]
+    previous = {signum: signal.signal(signum, callback.hold) for signum in raising}
     try:
         yield
+    except SIGTERMException as stop:
+        if signal.SIGTERM not in previous:
+            raise
+        callback.pending = False
+        raise KeyboardInterrupt from stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     callback.raise_if_pending()
