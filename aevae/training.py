@@ -335,7 +335,7 @@ def run_training(
         elif client is not None:
             logger.log_hyperparams(tracking.flatten(config.as_dict()))
             _log_config(client, run_id, parser, config)
-        with held(interrupts):  # Ctrl-C between batches, never inside a store write
+        with held(interrupts):  # Ctrl-C (and SIGTERM) between batches, never inside a store write
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}  # last epoch's
         best = trainer.checkpoint_callback.best_model_path or None

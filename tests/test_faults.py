@@ -15,7 +15,6 @@ import torch
 from mlflow import MlflowClient
 
 from aevae.checkpoints import AtomicCheckpointIO, load_weights, read_checkpoint
-from aevae.cli import main
 from aevae.data import ImageDataModule
 from aevae.errors import TrainingDiverged, UsageError
 from aevae.models import VAE
