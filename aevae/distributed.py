@@ -52,7 +52,7 @@ def keep_step_records_per_rank(module: torch.nn.Module) -> None:
     train/* epoch means, summed over ranks, would count rank 0's batches on every rank and lose the others'."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from aevae.steps import StepRecord
+    from aevae.step_record import StepRecord
 
     names = [
         f"{prefix}.{buffer}" for prefix, sub in module.named_modules() if isinstance(sub, StepRecord)

@@ -16,7 +16,8 @@ from aevae.errors import UsageError
 from aevae.likelihoods import LIKELIHOODS, Likelihood, bits_per_dim, make_likelihood
 from aevae.networks import ARCHITECTURES, networks
 from aevae.step_runners import CompiledStep, CudaGraphStep, EagerStep
-from aevae.steps import StepRecord, TrainingSteps
+from aevae.step_record import StepRecord
+from aevae.steps import TrainingSteps
 
 DEFAULT_IMAGE_SHAPE = (1, 28, 28)  # a model built without data (tests, notebooks); training takes the data's
 MAX_LATENT_DIM = 4096
@@ -152,6 +153,7 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
         self.step_runner: EagerStep | CompiledStep | CudaGraphStep | None = None
         self.check_every = 1
         self.bar_loss: float | None = None  # the loss the progress bar shows, read every BAR_EVERY steps
+        self._bar_shown = False  # whether the trainer shows a progress bar (set at the start of training)
         self._beta_filled: float | None = None
         self._batch_in_epoch: int | None = None  # inside a BatchRun (fit.steps_per_call): the batch's index in its epoch
         self._batches_per_epoch = 1
@@ -228,7 +230,7 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
         # "step" makes the epoch, not the optimizer step, the x-axis of every aevae metric in MLflow.
         metrics = {"step": float(self.current_epoch), f"{stage}/loss": loss, f"{stage}/recon": reconstruction}
         if stage == "train" and self.nonfinite_policy == "skip":
-            metrics["train/skipped_batches"] = self.record.skipped.float()
+            metrics["train/skipped_batches"] = float(self.record.skipped())
         if self.kind == "vae":
             metrics[f"{stage}/kl"] = kl
             metrics[f"{stage}/nelbo"] = reconstruction + kl

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from torch import Tensor, nn
+from torch import Tensor
 
 from aevae.batches import BatchRun, IndexBatches
 from aevae.errors import TrainingDiverged, UsageError
@@ -51,56 +51,6 @@ def check_compile(mode: str, precision: str, trainer: Any) -> None:
         raise UsageError(f"{field}: needs a CUDA device; this trainer runs on {device.type} (use compile there)")
     if mode == "compile" and device.type == "cpu" and shutil.which("c++") is None:
         raise UsageError(f"{field}: torch.compile on the CPU needs a C++ compiler (c++) on the PATH")
-
-
-class StepRecord(nn.Module):
-    """What training steps leave on the device, read on the host only at intervals: the epoch's running sums,
-    the first non-finite step with its loss, the last finite loss before it, and the count of skipped batches.
-
-    Buffers, not persistent: they follow the model to its device and stay out of checkpoints. Every update is
-    in place, so a captured CUDA graph updates the same memory on each replay.
-    """
-
-    def __init__(self, terms: int) -> None:
-        super().__init__()
-        self.register_buffer("sums", torch.zeros(terms + 1, dtype=torch.float64), persistent=False)  # terms*n, n
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("first_bad_step", torch.full((), -1, dtype=torch.int64), persistent=False)
-        self.register_buffer("bad_loss", torch.zeros(()), persistent=False)
-        self.register_buffer("last_finite_loss", torch.full((), math.nan), persistent=False)
-        self.register_buffer("skipped", torch.zeros((), dtype=torch.int64), persistent=False)
-
-    def start(self, global_step: int) -> None:
-        """At the start of fit: count steps from the trainer's global step (one host-to-device copy)."""
-        self.step.fill_(global_step)
-
-    def update(self, summary: Tensor, n: int, loss: Tensor) -> Tensor:
-        """Add one step: summary (per-image means of the loss terms) weighted by n images, unless the loss is not
-        finite; then record the step instead. Returns the device flag 'this step is bad'."""
-        loss = loss.detach().float()
-        finite = torch.isfinite(loss)
-        bad = ~finite
-        clean = torch.where(finite, summary.detach().double(), 0.0)  # where, not a product: nan * 0 is nan
-        weight = finite.double() * n
-        self.sums[:-1].add_(clean * weight)
-        self.sums[-1:].add_(weight)
-        no_bad_yet = self.first_bad_step < 0
-        self.last_finite_loss.copy_(torch.where(finite & no_bad_yet, loss, self.last_finite_loss))
-        self.bad_loss.copy_(torch.where(bad & no_bad_yet, loss, self.bad_loss))
-        self.first_bad_step.copy_(torch.where(bad & no_bad_yet, self.step, self.first_bad_step))
-        self.skipped.add_(bad.long())
-        self.step.add_(1)
-        return bad
-
-    def count_skip(self, skipped: Tensor) -> None:
-        """A step skipped after its loss was recorded (its gradients were not finite)."""
-        self.skipped.add_(skipped.long())
-
-    def take_sums(self) -> Tensor:
-        """The epoch's sums, and a fresh start for the next epoch."""
-        sums = self.sums.clone()
-        self.sums.zero_()
-        return sums
 
 
 def manual_eager_fits(precision: str, trainer: Any) -> bool:
@@ -145,15 +95,18 @@ def steps_per_call(setting: int | str, manual: bool, trainer: Any, cut_in_memory
 
 class TrainingSteps:
     """The training step of every aevae model, mixed into its LightningModule: eager under Lightning's automatic
-    optimization, or compiled/captured under manual optimization; divergence and skips recorded on the device and
-    read on the host every step on a CPU, every DEVICE_CHECK_EVERY steps and at each epoch's end on an accelerator.
+    optimization, or compiled/captured under manual optimization. Divergence, skips and the epoch's sums go to a
+    StepRecord, read every step on a CPU (where an eager step keeps it on the host), every DEVICE_CHECK_EVERY steps
+    and at each epoch's end on an accelerator.
 
     The model provides loss_terms, _summary, beta, record (a StepRecord) and the buffers beta_now and found_inf.
     """
 
     # Lightning sets _current_fx_name around every hook it calls, about 40 times a step, and nn.Module.__setattr__
     # checks each value against parameters, buffers and modules (~3 us); these names are none of them.
-    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_found_bad", "_batch_in_epoch", "_batches_per_epoch"})
+    _PLAIN_ATTRIBUTES = frozenset(
+        {"_current_fx_name", "_found_bad", "_batch_in_epoch", "_batches_per_epoch", "bar_loss", "_bar_shown"}
+    )
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in TrainingSteps._PLAIN_ATTRIBUTES:
@@ -177,8 +130,10 @@ class TrainingSteps:
         self.step_runner = runners[compile_mode](self._forward_backward) if manual else None
 
     def on_train_start(self) -> None:
-        self.record.start(self.global_step)
         self.check_every = host_read_interval(self.device)
+        # Read every step, and not traced by torch.compile: the record can live on the host.
+        self.record.start(self.global_step, on_host=self.check_every == 1 and self.compile_mode == "none")
+        self._bar_shown = self.trainer.progress_bar_callback is not None
 
     def training_step(self, batch: tuple[Tensor, Tensor] | BatchRun, batch_idx: int) -> Tensor | None:
         if not isinstance(batch, BatchRun):
@@ -246,30 +201,36 @@ class TrainingSteps:
         return loss_bad | grads_bad
 
     def _after_step(self) -> None:
-        if self.nonfinite_policy == "stop" and (self.global_step + 1) % self.check_every == 0:
+        if self.check_every == 1:
+            if self.nonfinite_policy == "stop":
+                self.check_divergence()
+            if self._bar_shown:
+                self.bar_loss = self.record.last_finite_loss()
+            return
+        step = self.global_step
+        if self.nonfinite_policy == "stop" and (step + 1) % self.check_every == 0:
             self.check_divergence()
-        bar = self._trainer is not None and self.trainer.progress_bar_callback is not None
-        if bar and self.global_step % (1 if self.check_every == 1 else BAR_EVERY) == 0:
-            self.bar_loss = float(self.record.last_finite_loss)  # the one host read a bar update costs
+        if self._bar_shown and step % BAR_EVERY == 0:
+            self.bar_loss = self.record.last_finite_loss()  # the one host read a bar update costs
 
     def check_divergence(self) -> None:
         """Under fit.on_nonfinite=stop, fail at the first non-finite loss the record holds, naming its step. The run
         fails with this message and its last good checkpoint stays: this also runs before each epoch's checkpoint."""
         if self.nonfinite_policy != "stop":
             return
-        first = int(self.record.first_bad_step)
+        first = self.record.first_bad_step()
         if first < 0:
             return
-        last = float(self.record.last_finite_loss)
+        last = self.record.last_finite_loss()
         last_text = "none" if math.isnan(last) else f"{last:.6g}"
         raise TrainingDiverged(
-            f"training diverged at epoch {self.current_epoch}, step {first}: loss is {float(self.record.bad_loss)}; "
+            f"training diverged at epoch {self.current_epoch}, step {first}: loss is {self.record.bad_loss()}; "
             f"last finite loss {last_text}"
         )
 
     @property
     def skipped_batches(self) -> int:
-        return int(self.record.skipped) if self.nonfinite_policy == "skip" else 0
+        return self.record.skipped() if self.nonfinite_policy == "skip" else 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Only the skip policy needs finite gradients before the step. Under "stop", a non-finite gradient makes

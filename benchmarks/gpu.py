@@ -187,7 +187,7 @@ def parity_losses(args: argparse.Namespace, mode: str) -> dict:
 
     class Losses(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *rest) -> None:
-            losses.append(float(pl_module.record.last_finite_loss))  # a sync a step: a check, not a timing
+            losses.append(pl_module.record.last_finite_loss())  # a sync a step: a check, not a timing
 
     store = Path(tempfile.mkdtemp(prefix="aevae-gpu-parity-"))
     config = aevae_config(

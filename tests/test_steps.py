@@ -3,6 +3,7 @@ named from the device record, and the compiled step training the same model as t
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -98,6 +99,30 @@ def test_ddp_shards_on_the_device_are_disjoint_and_cover_each_split() -> None:
 # --- the step ------------------------------------------------------------------------------------
 
 
+def test_the_record_on_the_host_keeps_what_the_device_record_keeps() -> None:
+    """The same steps (finite, nan, finite, inf, finite) into both records: the same float64 sums bit for bit,
+    checked against sums by hand, the same first bad step, its loss, the last finite loss before it, the skips."""
+    from aevae.step_record import StepRecord
+
+    steps_in = [([1.5, 0.25, 1 / 3], 128, 1.5), ([2.0, 1.0, 0.1], 128, math.nan), ([0.7, 0.2, 1e-7], 16, 0.7),
+                ([9.0, 9.0, 9.0], 128, math.inf), ([0.3, 0.1, 0.2], 128, 0.3)]  # fmt: skip
+    read = {}
+    for on_host in (True, False):
+        record = StepRecord(3)
+        record.start(global_step=40, on_host=on_host)
+        flags = [bool(record.update(torch.tensor(summary), n, torch.tensor(loss))) for summary, n, loss in steps_in]
+        record.count_skip(torch.tensor(True))  # a step skipped for its gradients
+        read[on_host] = (record.take_sums().tolist(), record.take_sums().tolist(), flags, record.first_bad_step(),
+                         record.bad_loss(), record.last_finite_loss(), record.skipped())  # fmt: skip
+    finite = [step for step in steps_in if math.isfinite(step[2])]
+    by_hand = [sum(float(torch.tensor(summary)[i]) * n for summary, n, _ in finite) for i in range(3)]
+    assert repr(read[True]) == repr(read[False])  # repr: a float's exact value, and nan equal to nan
+    sums, next_epoch, flags, first_bad, bad_loss, last_finite, skipped = read[True]
+    assert sums == [*by_hand, 272.0] and next_epoch == [0.0] * 4  # taken, then a fresh epoch
+    assert flags == [False, True, False, True, False] and first_bad == 41 and math.isnan(bad_loss)
+    assert last_finite == 1.5 and skipped == 3
+
+
 class HostReads:
     """Counts tensor-to-host reads (item, bool, int, float) made inside training_step."""
 
@@ -153,7 +178,7 @@ def test_divergence_read_late_still_names_its_step(tmp_path: Path, monkeypatch) 
 
     class Losses(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-            losses.append(float(pl_module.record.last_finite_loss))
+            losses.append(pl_module.record.last_finite_loss())
 
     trainer = build_trainer(config, logger=False, callbacks=[PoisonAt(7), Losses()])
     with pytest.raises(steps.TrainingDiverged, match=r"at epoch 0, step 7: loss is nan; last finite loss (\S+)") as err:
@@ -184,7 +209,7 @@ def step_losses(config) -> tuple[list[float], dict[str, float], object]:
 
     class Losses(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-            losses.append(float(pl_module.record.last_finite_loss))
+            losses.append(pl_module.record.last_finite_loss())
 
     result = run_training(config, callbacks=[Losses()])
     return losses, result.metrics, result
@@ -200,6 +225,7 @@ def test_compiled_step_trains_the_same_model_as_eager(tmp_path: Path) -> None:
         small_config(tmp_path / "compiled", *args, "--fit.compile", "compile")
     )
     assert len(eager_losses) == len(compiled_losses) == 200
+    assert eager.model.record.on_host and not compiled.model.record.on_host  # torch.compile traces the device record
     assert eager.trainer.num_training_batches * 32 > 3600  # 113 batches: the last is short
     worst = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, compiled_losses))
     assert worst < 1e-3, worst
