@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from aevae.errors import UsageError
@@ -58,7 +59,11 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file beside the target, fsync, then rename over it: a kill during a save
-    leaves the previous checkpoint intact and never a file that looks complete but is not."""
+    leaves the previous checkpoint intact and never a file that looks complete but is not.
+
+    ``storage_options={"also_as": [path, ...]}`` makes those paths the same checkpoint (same_file_as), renamed into
+    place before the target itself: a kill between the renames leaves them newer than the target, as when they
+    were written first."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
@@ -69,12 +74,97 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            for also in (storage_options or {}).get("also_as", ()):
+                same_file_as(partial, Path(also))
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+def same_file_as(source: Path, target: Path) -> None:
+    """Make target the same file as source, atomically: a hard link renamed over it (no bytes written), or a synced
+    copy where the file system has no hard links. Checkpoints are only ever replaced by a rename, never rewritten in
+    place, so the two names part when the next checkpoint of either is written."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, partial)
+        except OSError:
+            with open(source, "rb") as read, open(partial, "wb") as write:
+                shutil.copyfileobj(read, write)
+                write.flush()
+                os.fsync(write.fileno())
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's top-k checkpoint, not written twice in an epoch that improves it when a LastCheckpoint follows it:
+    its file is then that epoch's last checkpoint (AtomicCheckpointIO's also_as), dumped after this callback's state
+    was updated, so with the same weights, optimizer, RNG and callback state. An epoch-end that writes no last
+    checkpoint writes the best one itself."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.paired = False
+        self.due: str | None = None  # decided at this epoch-end, written with the last checkpoint
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if not self.paired:
+            super()._save_checkpoint(trainer, filepath)
+            return
+        self.due = filepath  # the parent's bookkeeping, without its write
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+    def write_due(self, trainer: pl.Trainer) -> None:
+        """A best checkpoint still due at the end of an epoch-end (no last checkpoint was written): written now."""
+        if self.due is not None:
+            path, self.due = self.due, None
+            save_and_tell(trainer, self, path)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """The checkpoint of every epoch (last.ckpt), resumed from by --fit.resume; it runs after ``best`` (Lightning keeps
+    checkpoint callbacks in their order) and writes a best checkpoint due at the same step as the same file."""
+
+    def __init__(self, best: BestCheckpoint, **kwargs: Any) -> None:
+        super().__init__(filename="last", save_top_k=1, enable_version_counter=False, **kwargs)
+        self.best = best
+        best.paired = True
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        due, self.best.due = self.best.due, None
+        save_and_tell(trainer, self, filepath, also=self.best if due else None, also_as=due or "")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.best.write_due(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.best.write_due(trainer)
+
+
+def save_and_tell(
+    trainer: pl.Trainer, callback: ModelCheckpoint, path: str, also: ModelCheckpoint | None = None, also_as: str = ""
+) -> None:
+    """What ModelCheckpoint._save_checkpoint does (the write, its bookkeeping, the loggers told), for one file that
+    may also be ``also``'s checkpoint at ``also_as``."""
+    options = {"also_as": [also_as]} if also_as else None
+    trainer.save_checkpoint(path, callback.save_weights_only, storage_options=options)
+    callback._last_global_step_saved = trainer.global_step
+    callback._last_checkpoint_saved = path
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            for saved in (callback, also):
+                if saved is not None:
+                    logger.after_save_checkpoint(saved)
 
 
 class RandomState(pl.Callback):

@@ -15,13 +15,15 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 
 import aevae
 from aevae import analysis, distributed, host_memory, tracking
 from aevae.data import ImageDataModule
 from aevae.checkpoints import (
     AtomicCheckpointIO,
+    BestCheckpoint,
+    LastCheckpoint,
     RandomState,
     check_compatible,
     check_room_for_checkpoints,
@@ -175,12 +177,12 @@ class TrainingResult:
 
 def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
     """The one Trainer factory: config's trainer options plus aevae's checkpointing and early stopping."""
-    checkpoints = ModelCheckpoint(
+    checkpoints = BestCheckpoint(
         monitor=MONITOR, mode="min", save_top_k=1, filename="best", enable_version_counter=False,
         save_on_train_epoch_end=True,  # after the whole epoch, so a resume starts at a clean epoch boundary
     )  # fmt: skip
     # Its own callback: Lightning's save_last writes last.ckpt only in epochs that improved the best one.
-    last = ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True)
+    last = LastCheckpoint(checkpoints, save_on_train_epoch_end=True)
     all_callbacks: list[Callback] = [checkpoints, last, RandomState(), distributed.RankAgreement(), *callbacks]
     if config.trainer.get("enable_progress_bar") is not False:
         all_callbacks.append(StepLossBar())

@@ -197,6 +197,89 @@ def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path: Path) -> N
     assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.zeros(3))  # the previous one, whole
 
 
+class ScriptedValLoss(pl.LightningModule):
+    """One weight, trained a step an epoch; its val/loss each epoch is scripted."""
+
+    def __init__(self, val_losses: list[float]) -> None:
+        super().__init__()
+        self.w, self.val_losses = torch.nn.Parameter(torch.zeros(1)), val_losses
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.log("val/loss", self.val_losses[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_with_checkpoints(folder: Path, val_losses: list[float], paired: bool) -> tuple[list, int]:
+    """Fit 1 step an epoch; per epoch-end, the best checkpoint's epoch and whether best and last are one file."""
+    from aevae.checkpoints import BestCheckpoint, LastCheckpoint
+
+    best = BestCheckpoint(monitor="val/loss", mode="min", save_top_k=1, filename="best",
+                          enable_version_counter=False, save_on_train_epoch_end=True)  # fmt: skip
+    last = [LastCheckpoint(best, save_on_train_epoch_end=True)] if paired else []
+    seen, dumps = [], []
+
+    class Watch(pl.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            dumps.append(trainer.current_epoch)
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:  # the previous epoch's checkpoints are written
+            if trainer.current_epoch:
+                seen.append(epoch_end(folder, paired))
+
+    data = torch.utils.data.DataLoader(torch.zeros(1, 1))
+    trainer = pl.Trainer(max_epochs=len(val_losses), callbacks=[best, *last, Watch()], plugins=[AtomicCheckpointIO()],
+                         default_root_dir=folder, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(ScriptedValLoss(val_losses), train_dataloaders=data, val_dataloaders=data)
+    return [*seen, epoch_end(folder, paired)], len(dumps)
+
+
+def epoch_end(folder: Path, paired: bool) -> tuple[int, bool]:
+    best, last = folder / "checkpoints" / "best.ckpt", folder / "checkpoints" / "last.ckpt"
+    return read_checkpoint(best)["epoch"], paired and best.samefile(last)
+
+
+def test_an_improving_epoch_writes_one_checkpoint_that_is_both_best_and_last(tmp_path: Path) -> None:
+    """val/loss 3, 1, 2, 0.5: epochs 0, 1 and 3 improve. Each epoch dumps one checkpoint (last.ckpt), and in an
+    improving one best.ckpt is that same file; epoch 2's last leaves epoch 1's best as it was."""
+    seen, dumps = fit_with_checkpoints(tmp_path / "paired", [3.0, 1.0, 2.0, 0.5], paired=True)
+    assert seen == [(0, True), (1, True), (1, False), (3, True)] and dumps == 4
+    seen, dumps = fit_with_checkpoints(tmp_path / "alone", [3.0, 1.0, 2.0, 0.5], paired=False)
+    assert seen == [(0, False), (1, False), (1, False), (3, False)] and dumps == 3  # without a last: written itself
+
+
+def test_a_checkpoint_saved_under_two_names_renames_the_extra_one_first(tmp_path: Path, monkeypatch) -> None:
+    """A kill between the renames then leaves best newer than last, as when best was written first (a resume redoes
+    the epoch and writes it again), never an older best.ckpt under a newer record of it."""
+    import os
+
+    renamed, rename = [], os.replace
+    monkeypatch.setattr("os.replace", lambda source, target: renamed.append(Path(target).name) or rename(source, target))
+    AtomicCheckpointIO().save_checkpoint({"epoch": 4}, tmp_path / "last.ckpt", {"also_as": [str(tmp_path / "best.ckpt")]})
+    assert renamed == ["best.ckpt", "last.ckpt"] and (tmp_path / "best.ckpt").samefile(tmp_path / "last.ckpt")
+
+
+def test_a_file_system_without_hard_links_gets_a_copy(tmp_path: Path, monkeypatch) -> None:
+    from aevae.checkpoints import same_file_as
+
+    source, target = tmp_path / "last.ckpt", tmp_path / "best.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(5.0)}}, source)
+    target.write_bytes(b"older")
+
+    def no_links(*args):
+        raise OSError("Operation not permitted")
+
+    monkeypatch.setattr("os.link", no_links)
+    same_file_as(source, target)
+    assert target.read_bytes() == source.read_bytes() and not target.samefile(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]  # no partial file left
+
+
 def test_unwritable_or_full_folders_fail_before_any_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
