@@ -17,9 +17,12 @@ by this script: 19,440 train, 2,160 validation, 2,400 held out as test). Trained
   tutorial    Lightning fed by torchvision's MNIST with per-item ToTensor (num_workers=0)
   before      `aevae` from another checkout (`--before DIR`, e.g. a worktree of an older commit): before/after
 
-Each fit runs in its own process (so one variant's imports and caches do not help or hurt another) and is timed
-there, imports and MLflow's table creation excluded; each is fitted for 1 and for N epochs (`--long`, default 3)
-and the marginal epoch time is (tN - t1) / (N - 1), so the fixed cost of a fit is reported apart. The hand loops run with the environment
+Each fit runs in its own process (so one variant's imports and caches do not help or hurt another) for N epochs
+(`--epochs`, default 5) and clocks every epoch there: from one epoch's start to the next one's (training,
+validation, checkpoints, logging: everything a fit does per epoch), the last one to the end of fit. The first epoch
+(warm-up) is left out; the epoch time of a variant is the median of the other epochs over all repeats, which a
+noisy moment on a shared machine shifts far less than a difference of two whole fits. The fixed cost of a fit is
+reported apart: its time (imports and MLflow's table creation excluded) less N epoch times. The hand loops run with the environment
 aevae trains in (Lightning's NVML-based CUDA check undone, see aevae.steps.plain_cuda_checks), so the
 comparison is of the loops, not of that check. Also times `aevae train` with a one-step budget as a
 subprocess: an upper bound on its start-up to the first step.
@@ -43,6 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 128
+PRINTED = ("FIT_SECONDS ", "EPOCH_SECONDS ")  # what a child prints for its parent
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,9 @@ def config_args(root: str, epochs: int, store: Path, model: str) -> list[str]:
 # --- the fits, each run inside a child process ------------------------------------------------------------
 
 
-def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool, keep_freed_memory: bool = False) -> None:
+def fit_hand(
+    root: str, epochs: int, store: Path, model_name: str, clock: list[float], fused: bool, keep_freed_memory: bool = False
+) -> None:
     import lightning.pytorch as pl
     import torch
 
@@ -141,6 +147,7 @@ def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool, 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
     train, val = data.splits["train"], data.splits["val"]
     for _ in range(epochs):
+        clock.append(time.perf_counter())
         model.train()
         for index in torch.randperm(len(train)).split(128):
             x = to_float(train.images[index])  # uint8 in memory, floats per batch, as aevae does
@@ -153,6 +160,7 @@ def fit_hand(root: str, epochs: int, store: Path, model_name: str, fused: bool, 
             for x in val.images.split(128):
                 x = to_float(x)
                 model.loss_terms(x, model(x))
+    clock.append(time.perf_counter())
 
 
 def new_vae(model_name: str, image_shape: list[int]):
@@ -165,21 +173,36 @@ def new_vae(model_name: str, image_shape: list[int]):
     )  # fmt: skip
 
 
-def fit_aevae(root: str, epochs: int, store: Path, model_name: str, *extra: str) -> None:
+def epoch_clock(clock: list[float]):
+    """A Lightning callback that appends to clock the time each training epoch starts, and the end of training."""
+    import lightning.pytorch as pl
+
+    class EpochClock(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            clock.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module) -> None:  # after the last epoch's checkpoint
+            clock.append(time.perf_counter())
+
+    return EpochClock()
+
+
+def fit_aevae(root: str, epochs: int, store: Path, model_name: str, clock: list[float], *extra: str) -> None:
     from aevae.training import parse_config, run_training
 
-    run_training(parse_config([*config_args(root, epochs, store, model_name), *extra]))
+    config = parse_config([*config_args(root, epochs, store, model_name), *extra])
+    run_training(config, callbacks=[epoch_clock(clock)])
 
 
-def fit_untracked(root: str, epochs: int, store: Path, model_name: str) -> None:
+def fit_untracked(root: str, epochs: int, store: Path, model_name: str, clock: list[float]) -> None:
     from aevae.training import build_trainer, instantiate, parse_config
 
     config = parse_config(config_args(root, epochs, store, model_name))
     model, data = instantiate(config)
-    build_trainer(config, logger=False).fit(model, datamodule=data)
+    build_trainer(config, logger=False, callbacks=[epoch_clock(clock)]).fit(model, datamodule=data)
 
 
-def fit_tutorial(root: str, epochs: int, store: Path, model_name: str) -> None:
+def fit_tutorial(root: str, epochs: int, store: Path, model_name: str, clock: list[float]) -> None:
     """The tutorial pipeline: torchvision MNIST, PIL images, per-item ToTensor."""
     import lightning.pytorch as pl
     import torch
@@ -200,13 +223,14 @@ def fit_tutorial(root: str, epochs: int, store: Path, model_name: str) -> None:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[epoch_clock(clock)],
     )  # fmt: skip
     trainer.fit(new_vae(model_name, [1, 28, 28]), datamodule=TutorialData())
 
 
 def child(variant: str, root: str, epochs: int, model_name: str, threads: int) -> None:
-    """One fit in this process; prints its wall time in seconds (imports and store creation excluded)."""
+    """One fit in this process; prints its wall time in seconds (imports and store creation excluded) and the
+    duration of each epoch."""
     import torch
 
     torch.set_num_threads(threads)
@@ -220,35 +244,41 @@ def child(variant: str, root: str, epochs: int, model_name: str, threads: int) -
             from aevae import tracking
 
             tracking.open_store(f"sqlite:///{store / 'mlruns' / 'mlflow.db'}")  # 1-4 s, varying: start-up
+        clock: list[float] = []
+        fit = (root, epochs, store, model_name, clock)
         fits = {
-            "hand": lambda: fit_hand(root, epochs, store, model_name, fused=False),
-            "hand-fused": lambda: fit_hand(root, epochs, store, model_name, fused=True),
-            "hand-kept": lambda: fit_hand(root, epochs, store, model_name, fused=True, keep_freed_memory=True),
-            "aevae": lambda: fit_aevae(root, epochs, store, model_name),
-            "before": lambda: fit_aevae(root, epochs, store, model_name),
-            "one-call": lambda: fit_aevae(root, epochs, store, model_name, "--fit.steps_per_call", "1"),
-            "compiled": lambda: fit_aevae(root, epochs, store, model_name, "--fit.compile", "compile"),
-            "untracked": lambda: fit_untracked(root, epochs, store, model_name),
-            "tutorial": lambda: fit_tutorial(root, epochs, store, model_name),
+            "hand": lambda: fit_hand(*fit, fused=False),
+            "hand-fused": lambda: fit_hand(*fit, fused=True),
+            "hand-kept": lambda: fit_hand(*fit, fused=True, keep_freed_memory=True),
+            "aevae": lambda: fit_aevae(*fit),
+            "before": lambda: fit_aevae(*fit),
+            "one-call": lambda: fit_aevae(*fit, "--fit.steps_per_call", "1"),
+            "compiled": lambda: fit_aevae(*fit, "--fit.compile", "compile"),
+            "untracked": lambda: fit_untracked(*fit),
+            "tutorial": lambda: fit_tutorial(*fit),
         }
         start = time.perf_counter()
         fits[variant]()
-        print(f"FIT_SECONDS {time.perf_counter() - start:.4f}", flush=True)
+        end = time.perf_counter()
+        epoch_seconds = [later - earlier for earlier, later in zip(clock, clock[1:])]
+        print(f"FIT_SECONDS {end - start:.4f}", flush=True)
+        print("EPOCH_SECONDS " + " ".join(f"{seconds:.4f}" for seconds in epoch_seconds), flush=True)
 
 
 # --- the parent: interleaved children, medians ----------------------------------------------------------------
 
 
-def timed(variant: str, epochs: int, args: argparse.Namespace) -> float:
+def timed(variant: str, epochs: int, args: argparse.Namespace) -> tuple[float, list[float]]:
+    """One fit of variant in a child process: its wall time and each epoch's."""
     source = args.before if variant == "before" else str(REPO)
     env = {**os.environ, "PYTHONPATH": source, "MPLBACKEND": "Agg"}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--epochs", str(epochs),
                "--root", args.root, "--model", args.model, "--threads", str(args.threads)]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=source)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("FIT_SECONDS ")]
-    if result.returncode != 0 or not lines:
+    printed = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith(PRINTED)}
+    if result.returncode != 0 or "FIT_SECONDS" not in printed or len(printed.get("EPOCH_SECONDS", [])) != epochs:
         raise SystemExit(f"{variant} failed:\n{result.stderr[-3000:]}")
-    return float(lines[-1].split()[1])
+    return float(printed["FIT_SECONDS"][0]), [float(seconds) for seconds in printed["EPOCH_SECONDS"]]
 
 
 def startup_seconds(args: argparse.Namespace) -> float:
@@ -268,40 +298,44 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_VARIANTS)}")
     parser.add_argument("--before", default=None, help="a checkout of another commit, timed as variant 'before'")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--long", type=int, default=3, help="epochs of the long fit (more: less noise a short epoch)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs a fit; the first is warm-up, the rest measured")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.root, args.epochs, args.model, args.threads)
+    if args.epochs < 2:
+        parser.error("--epochs: at least 2 (the first is warm-up)")
     bench = MODELS[args.model]
     if bench.npz_images:
         write_npz(args.root, bench)
     variants = args.variants or DEFAULT_VARIANTS + (["before"] if args.before else [])
     if bench.npz_images and "tutorial" in variants:
         variants.remove("tutorial")  # torchvision's MNIST pipeline: 28x28 grey only
-    marginal: dict[str, list[float]] = {name: [] for name in variants}
-    fixed: dict[str, list[float]] = {name: [] for name in variants}
+    epochs: dict[str, list[float]] = {name: [] for name in variants}  # every measured epoch of every repeat
+    fits: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name in variants:  # interleaved: machine noise hits every variant alike
-            one, long = timed(name, 1, args), timed(name, args.long, args)
-            marginal[name].append((long - one) / (args.long - 1))
-            fixed[name].append(one - marginal[name][-1])
-            print(f"repeat {repeat} {name:<10} 1 epoch {one:6.1f} s  {args.long} epochs {long:6.1f} s", flush=True)
+            fit, epoch_seconds = timed(name, args.epochs, args)
+            epochs[name] += epoch_seconds[1:]
+            fits[name].append(fit)
+            shown = " ".join(f"{seconds:.3f}" for seconds in epoch_seconds)
+            print(f"repeat {repeat} {name:<10} fit {fit:6.1f} s; epochs (s) {shown}", flush=True)
+    marginal = {name: statistics.median(seconds) for name, seconds in epochs.items()}
+    fixed = {name: statistics.median(fits[name]) - args.epochs * marginal[name] for name in variants}
     baseline = "hand-fused" if "hand-fused" in variants else variants[0]
-    base = statistics.median(marginal[baseline])
+    base = marginal[baseline]
     train_images, steps = bench.split_sizes()[0], bench.steps()
-    print(f"\nmodel {args.model}; CPU threads: {args.threads}; train split: {train_images} images; "
-          f"medians of {args.repeats} interleaved repeats; baseline {baseline}\n")  # fmt: skip
+    print(f"\nmodel {args.model}; CPU threads: {args.threads}; train split: {train_images} images; medians of "
+          f"{args.repeats} interleaved repeats x {args.epochs - 1} epochs after the first; baseline {baseline}\n")  # fmt: skip
     print(f"| pipeline | s / epoch | ms / step | samples / s | vs {baseline} | fixed cost (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in variants:
-        epoch = statistics.median(marginal[name])
-        print(f"| {name} | {epoch:.2f} | {epoch / steps * 1000:.2f} | {train_images / epoch:,.0f} | "
-              f"{base / epoch:.2f}x | {statistics.median(fixed[name]):.1f} |")  # fmt: skip
+        epoch = marginal[name]
+        print(f"| {name} | {epoch:.3f} | {epoch / steps * 1000:.2f} | {train_images / epoch:,.0f} | "
+              f"{base / epoch:.2f}x | {fixed[name]:.1f} |")  # fmt: skip
     if {"aevae", "untracked"} <= set(variants):
-        tracked, untracked = statistics.median(marginal["aevae"]), statistics.median(marginal["untracked"])
+        tracked, untracked = marginal["aevae"], marginal["untracked"]
         print(f"\ntracking cost per epoch: {100 * (tracked / untracked - 1):+.1f}%")
         print(f"aevae's cost per step (untracked - {baseline}): {(untracked - base) / steps * 1000:+.2f} ms")
     print(f"`aevae train` start-up to first step (upper bound, 1-step run): {startup_seconds(args):.1f} s")
