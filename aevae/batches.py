@@ -54,9 +54,14 @@ def keep_batch(batch: Batch) -> Batch:
     return batch
 
 
+def whole_epochs(limit: object) -> bool:
+    """Lightning's "every batch of the epoch" (1.0, or no limit); an int counts batches, and an int 1 means one batch."""
+    return limit is None or (isinstance(limit, float) and limit == 1.0)
+
+
 class BatchRun:
-    """Consecutive training batches of one epoch, handed to one training_step (fit.steps_per_call), so Lightning's
-    per-batch work (hooks, callbacks, progress) runs once a run instead of once a batch.
+    """Consecutive batches of one epoch, handed to one training, validation or test step (fit.steps_per_call), so
+    Lightning's per-batch work (hooks, callbacks, progress) runs once a run instead of once a batch.
 
     Each batch is prepared (to floats, binarized) only when the step reaches it, so random draws come in the same
     order as batch by batch, and a run cut short (trainer.max_steps) draws nothing for the batches it skips.

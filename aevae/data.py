@@ -11,7 +11,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from aevae import sources
-from aevae.batches import Batch, BatchRun, IndexBatches, InMemoryImages, device_placement, keep_batch, to_float
+from aevae.batches import (
+    Batch,
+    BatchRun,
+    IndexBatches,
+    InMemoryImages,
+    device_placement,
+    keep_batch,
+    to_float,
+    whole_epochs,
+)
 from aevae.builtin_sources import SOURCES, default_data_root, load_idx_source, load_mnist_5k
 from aevae.errors import UsageError
 
@@ -132,7 +141,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.splits: dict[str, InMemoryImages] = {}  # on the host, whole
         self.batches_from: dict[str, InMemoryImages] = {}  # where batches are cut: the host splits, or on a device
         self.placed_on: tuple[torch.device, int, int] | None = None  # (device, world size, rank) of batches_from
-        self.steps_per_call = 1  # training batches a training_step takes (fit.steps_per_call, set by the trainer factory)
+        self.steps_per_call = 1  # batches a Lightning step takes (fit.steps_per_call, set by the trainer factory)
         self.classes = None if classes is None else sorted(classes)
 
     def prepare_data(self) -> None:
@@ -250,7 +259,7 @@ class ImageDataModule(pl.LightningDataModule):
         distributed = self.trainer is not None and self.trainer.world_size > 1
         on_device = data is not self.splits[split]
         if self.cut_in_memory(on_device, distributed):
-            return IndexBatches(data, self.batch_size, shuffle, self.steps_per_call if split == "train" else 1)
+            return IndexBatches(data, self.batch_size, shuffle, self.runs_of(split))
         # Workers, or DDP over host data: a DataLoader, so that Lightning can shard it with its distributed sampler.
         return DataLoader(
             data,
@@ -261,6 +270,12 @@ class ImageDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def runs_of(self, split: str) -> int:
+        """Batches one Lightning step takes from split: fit.steps_per_call, for val and test too unless the trainer
+        limits that split by a count of batches (Lightning would count runs)."""
+        limit = getattr(self.trainer, f"limit_{split}_batches", None) if split != "train" else None
+        return self.steps_per_call if whole_epochs(limit) else 1
 
     def cut_in_memory(self, on_device: bool, distributed: bool) -> bool:
         """Whether batches are gathered from the in-memory split (IndexBatches), not by a DataLoader."""

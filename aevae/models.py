@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from aevae.batches import BatchRun
 from aevae.errors import UsageError
 from aevae.likelihoods import LIKELIHOODS, Likelihood, bits_per_dim, make_likelihood
 from aevae.networks import ARCHITECTURES, networks
@@ -205,14 +206,18 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
         running = self._epoch_sums.get(stage)
         self._epoch_sums[stage] = increment if running is None else running + increment
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        x, _ = batch
-        self._accumulate(stage, self.loss_terms(x, self(x)), len(x))
+    def _step(self, batch: tuple[Tensor, Tensor] | BatchRun, stage: str) -> None:
+        """Evaluate a batch, or a run of them (fit.steps_per_call). Lightning's sanity check takes its
+        num_sanity_val_steps batches as a count of runs: there, a run's first batch only, as one batch a call."""
+        for _, (x, _) in batch if isinstance(batch, BatchRun) else [(0, batch)]:
+            self._accumulate(stage, self.loss_terms(x, self(x)), len(x))
+            if self._trainer is not None and self.trainer.sanity_checking:
+                break
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor] | BatchRun, batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, Tensor] | BatchRun, batch_idx: int) -> None:
         self._step(batch, "test")
 
     def _log_epoch(self, stage: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor
 
-from aevae.batches import BatchRun, IndexBatches
+from aevae.batches import BatchRun, IndexBatches, whole_epochs
 from aevae.errors import TrainingDiverged, UsageError
 from aevae.step_runners import CompiledStep, CudaGraphStep, EagerStep
 
@@ -62,11 +62,6 @@ def manual_eager_fits(precision: str, trainer: Any) -> bool:
         and trainer.accumulate_grad_batches == 1
         and not trainer.gradient_clip_val
     )
-
-
-def whole_epochs(limit: Any) -> bool:
-    """Lightning's "every batch of the epoch" (1.0); an int counts batches, and an int 1 means one batch."""
-    return limit is None or (isinstance(limit, float) and limit == 1.0)
 
 
 def steps_per_call(setting: int | str, manual: bool, trainer: Any, cut_in_memory: bool) -> int:
@@ -247,27 +242,54 @@ class TrainingSteps:
 
 
 class StepLossBar(TQDMProgressBar):
-    """Lightning's progress bar, counting batches (not runs of them, under fit.steps_per_call) and showing the loss
-    the model last read back (every step on a CPU, every BAR_EVERY steps on an accelerator) instead of a logged
-    tensor, which the bar would read back, and sync on, every step."""
+    """Lightning's progress bar, counting batches (not runs of them, under fit.steps_per_call; runs in the sanity
+    check, which evaluates one batch a run) and showing the loss the model last read back (every step on a CPU,
+    every BAR_EVERY steps on an accelerator) instead of a logged tensor, which the bar would read back, and sync on,
+    every step."""
 
     @property
     def total_train_batches(self) -> int | float:
-        loader = self.trainer.train_dataloader
-        if isinstance(loader, IndexBatches) and loader.steps_per_call > 1:
-            return loader.batch_count()
-        return super().total_train_batches
+        return batches_in(self.trainer.train_dataloader) or super().total_train_batches
+
+    @property
+    def total_val_batches_current_dataloader(self) -> int | float:
+        in_runs = not self.trainer.sanity_checking and batches_in(self.trainer.val_dataloaders)
+        return in_runs or super().total_val_batches_current_dataloader
+
+    @property
+    def total_test_batches_current_dataloader(self) -> int | float:
+        return batches_in(self.trainer.test_dataloaders) or super().total_test_batches_current_dataloader
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if isinstance(batch, BatchRun):
-            batch_idx = batch.first + len(batch) - 1  # the run's last batch
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, last_batch_index(batch, batch_idx))
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:  # fmt: skip
+        if not trainer.sanity_checking:
+            batch_idx = last_batch_index(batch, batch_idx)
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                          dataloader_idx: int = 0) -> None:  # fmt: skip
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, last_batch_index(batch, batch_idx), dataloader_idx)
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         if getattr(pl_module, "bar_loss", None) is not None:
             items["loss"] = f"{pl_module.bar_loss:.4g}"
         return items
+
+
+def batches_in(loader: Any) -> int | None:
+    """The batches of a loader that yields runs of them (None for any other loader)."""
+    if isinstance(loader, IndexBatches) and loader.steps_per_call > 1:
+        return loader.batch_count()
+    return None
+
+
+def last_batch_index(batch: Any, batch_idx: int) -> int:
+    """Lightning's index of a batch, or of a run's last batch in its epoch."""
+    return batch.first + len(batch) - 1 if isinstance(batch, BatchRun) else batch_idx
 
 
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"

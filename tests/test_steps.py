@@ -18,6 +18,7 @@ from aevae import steps
 from aevae.batches import InMemoryImages, IndexBatches, device_placement, keep_batch
 from aevae.data import ImageDataModule
 from aevae.errors import UsageError
+from aevae.models import LatentAutoencoder
 from aevae.training import build_trainer, instantiate, parse_config, run_training
 from conftest import REPO
 
@@ -287,11 +288,15 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_runs_of_batches_train_the_same_model_as_one_batch_a_call(tmp_path: Path) -> None:
     """113 batches an epoch in runs of 7 (the last run one short batch): the same batches, optimizer steps and
     random draws in the same order as one batch a call (binarized pixels and a beta warm-up moving every step
-    included), so the same weights bit for bit and the same logged metrics; a max_steps inside a run stops there."""
-    args = ["--trainer.max_epochs", "2", "--model.kl_warmup_epochs", "2", "--data.binarize", "true"]
+    included), so the same weights bit for bit and the same logged metrics, validation and test (13 and 32
+    batches, in runs of 7) included; a max_steps inside a run stops there."""
+    args = ["--trainer.max_epochs", "2", "--model.kl_warmup_epochs", "2", "--data.binarize", "true", "--fit.test", "true"]
     one = run_training(small_config(tmp_path / "one", *args, "--fit.steps_per_call", "1"))
     runs = run_training(small_config(tmp_path / "runs", *args, "--fit.steps_per_call", "7"))
     assert one.trainer.num_training_batches == 113 and runs.trainer.num_training_batches == 17  # ceil(113 / 7)
+    assert one.trainer.num_val_batches == [13] and runs.trainer.num_val_batches == [2]
+    assert one.trainer.num_test_batches == [32] and runs.trainer.num_test_batches == [5]
+    assert {"val/loss", "test/loss"} <= one.metrics.keys()
     assert one.trainer.global_step == runs.trainer.global_step == 226
     assert same_weights(one.model, runs.model)
     assert one.metrics == runs.metrics
@@ -332,17 +337,41 @@ def test_steps_per_call_resolves_auto_and_refuses_a_run_where_lightning_counts_b
 
 
 def test_the_progress_bar_counts_batches_not_runs(tmp_path: Path) -> None:
-    counts: list[tuple[int, float]] = []
+    counts: list[tuple[str, int, float]] = []
 
     class Watch(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             bar = trainer.progress_bar_callback.train_progress_bar
-            counts.append((bar.n, bar.total))
+            counts.append(("train", bar.n, bar.total))
+
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            bar = trainer.progress_bar_callback.val_progress_bar
+            counts.append(("sanity" if trainer.sanity_checking else "val", bar.n, bar.total))
 
     config = small_config(tmp_path, "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "true")
     result = run_training(config, callbacks=[Watch()])
-    assert result.trainer.num_training_batches == 15  # ceil(113 / 8)
-    assert counts == [(113, 113)]
+    assert result.trainer.num_training_batches == 15 and result.trainer.num_val_batches == [2]  # ceil(113 / 8), ceil(13 / 8)
+    assert counts == [("sanity", 2, 2), ("val", 13, 13), ("train", 113, 113)]  # the sanity check: a batch a run
+
+
+def test_validation_in_runs_keeps_lightnings_counts_of_batches(tmp_path: Path, monkeypatch) -> None:
+    """The sanity check evaluates num_sanity_val_steps batches (a run's first), and an int limit_val_batches, which
+    Lightning counts in its steps, makes validation take one batch a step: 3 batches, not 3 runs."""
+    evaluated: list[tuple[bool, int]] = []
+    accumulate = LatentAutoencoder._accumulate
+
+    def counted(model, stage, terms, n):
+        evaluated.append((model.trainer.sanity_checking, n))
+        accumulate(model, stage, terms, n)
+
+    monkeypatch.setattr(LatentAutoencoder, "_accumulate", counted)
+    run_training(small_config(tmp_path / "sane", "--trainer.max_epochs", "1", "--trainer.num_sanity_val_steps", "2"))
+    assert [n for sanity, n in evaluated if sanity] == [32, 32]
+    assert len([n for sanity, n in evaluated if not sanity]) == 13  # 400 images in batches of 32: all of them
+    evaluated.clear()
+    limited = run_training(small_config(tmp_path / "limited", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "3"))
+    assert limited.datamodule.steps_per_call == 8 and limited.trainer.num_val_batches == [3]
+    assert [sanity for sanity, _ in evaluated] == [True, True, False, False, False]  # Lightning's default 2, then 3
 
 
 # --- host memory ---------------------------------------------------------------------------------------------
