@@ -25,7 +25,8 @@ from aevae import checkpoints
 from aevae.batches import to_float
 from aevae.data import ImageDataModule
 from aevae.errors import UsageError
-from aevae.models import ACTIVE_UNIT_KL, LatentAutoencoder, gaussian_kl_per_dim
+from aevae.epoch_metrics import ACTIVE_UNIT_KL
+from aevae.models import LatentAutoencoder, gaussian_kl_per_dim
 from aevae.pictures import GRID_TITLES, evaluating, has_classes, image_grid, picture_grids, projection_title, scatter
 
 ARTIFACT_DIR = "latent"

@@ -1,4 +1,4 @@
-"""AE and VAE LightningModules sharing one base: same encoder/decoder families, logging and optimizer."""
+"""AE and VAE LightningModules sharing one base: same encoder/decoder families, loss terms and optimizer."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from aevae.batches import BatchRun
+from aevae.epoch_metrics import EpochMetrics
 from aevae.errors import UsageError
-from aevae.likelihoods import LIKELIHOODS, Likelihood, bits_per_dim, make_likelihood
+from aevae.likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from aevae.networks import ARCHITECTURES, networks
 from aevae.step_runners import CompiledStep, CudaGraphStep, EagerStep
 from aevae.step_record import StepRecord
@@ -22,7 +22,6 @@ from aevae.steps import TrainingSteps
 
 DEFAULT_IMAGE_SHAPE = (1, 28, 28)  # a model built without data (tests, notebooks); training takes the data's
 MAX_LATENT_DIM = 4096
-ACTIVE_UNIT_KL = 0.01  # nats: a latent dimension with more average KL than this is "active"
 TRAINING_BYTES_PER_PARAMETER = 16  # float32 weight, its gradient and Adam's two moments
 
 
@@ -86,8 +85,9 @@ def kl_warmup(kl_weight: float, epochs_done: float, warmup_epochs: int) -> float
     return kl_weight * min(1.0, epochs_done / warmup_epochs)
 
 
-class LatentAutoencoder(TrainingSteps, pl.LightningModule):
-    """Shared base of AE and VAE: architecture, likelihood, optimizer and per-epoch logging.
+class LatentAutoencoder(TrainingSteps, EpochMetrics, pl.LightningModule):
+    """Shared base of AE and VAE: architecture, likelihood, optimizer; its training step (aevae.steps) and what an
+    epoch reports (aevae.epoch_metrics) are mixed in.
 
     Args:
         latent_dim: size of the code z.
@@ -155,6 +155,7 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
         self.check_every = 1
         self.bar_loss: float | None = None  # the loss the progress bar shows, read every BAR_EVERY steps
         self._bar_shown = False  # whether the trainer shows a progress bar (set at the start of training)
+        self._held_val: tuple[int, dict[str, float]] | None = None  # an epoch's val metrics, written with its train's
         self._beta_filled: float | None = None
         self._batch_in_epoch: int | None = None  # inside a BatchRun (fit.steps_per_call): the batch's index in its epoch
         self._batches_per_epoch = 1
@@ -198,63 +199,6 @@ class LatentAutoencoder(TrainingSteps, pl.LightningModule):
     @staticmethod
     def _summary(terms: LossTerms) -> Tensor:
         return torch.cat([torch.stack([terms.loss, terms.reconstruction, terms.kl]), terms.kl_per_dim])
-
-    def _accumulate(self, stage: str, terms: LossTerms, n: int) -> None:
-        """Running sums for exact per-image epoch means of val/test (no per-step sync or logging)."""
-        summary = self._summary(terms).detach().double()
-        increment = torch.cat([summary * n, summary.new_tensor([float(n)])])
-        running = self._epoch_sums.get(stage)
-        self._epoch_sums[stage] = increment if running is None else running + increment
-
-    def _step(self, batch: tuple[Tensor, Tensor] | BatchRun, stage: str) -> None:
-        """Evaluate a batch, or a run of them (fit.steps_per_call). Lightning's sanity check takes its
-        num_sanity_val_steps batches as a count of runs: there, a run's first batch only, as one batch a call."""
-        for _, (x, _) in batch if isinstance(batch, BatchRun) else [(0, batch)]:
-            self._accumulate(stage, self.loss_terms(x, self(x)), len(x))
-            if self._trainer is not None and self.trainer.sanity_checking:
-                break
-
-    def validation_step(self, batch: tuple[Tensor, Tensor] | BatchRun, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor] | BatchRun, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def _log_epoch(self, stage: str) -> None:
-        """Exact per-image means over the epoch, summed across ranks, logged once per epoch."""
-        if stage == "train":
-            self.check_divergence()  # before the epoch's checkpoint is written
-        sums = self.record.take_sums() if stage == "train" else self._epoch_sums.pop(stage, None)
-        if sums is None:
-            return
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        if float(sums[-1]) == 0:  # every batch skipped, or none run
-            return
-        means = sums[:-1] / sums[-1]
-        loss, reconstruction, kl, kl_per_dim = means[0], means[1], means[2], means[3:]
-        # "step" makes the epoch, not the optimizer step, the x-axis of every aevae metric in MLflow.
-        metrics = {"step": float(self.current_epoch), f"{stage}/loss": loss, f"{stage}/recon": reconstruction}
-        if stage == "train" and self.nonfinite_policy == "skip":
-            metrics["train/skipped_batches"] = float(self.record.skipped())
-        if self.kind == "vae":
-            metrics[f"{stage}/kl"] = kl
-            metrics[f"{stage}/nelbo"] = reconstruction + kl
-            metrics[f"{stage}/bpd"] = bits_per_dim(reconstruction + kl, math.prod(self.image_shape), self.observation)
-            metrics[f"{stage}/active_units"] = (kl_per_dim > ACTIVE_UNIT_KL).sum().float()
-            metrics.update({f"{stage}/kl_dim_{i}": value for i, value in enumerate(kl_per_dim)})
-        # Already summed over ranks, so identical everywhere; sync_dist=True only tells Lightning so.
-        self.log_dict(metrics, prog_bar=False, sync_dist=True)
-        if stage == "val":
-            self.log("val_loss", loss, prog_bar=True, logger=False, sync_dist=True)
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # PyTorch's fused Adam kernel (CPU and CUDA) takes a third of the time of the default per-tensor loop.

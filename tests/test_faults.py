@@ -91,6 +91,22 @@ def test_divergence_stops_at_once_fails_the_run_keeps_last_good_checkpoint(tmp_p
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
 
 
+def test_divergence_found_at_an_epochs_end_still_records_that_epochs_validation(
+    tmp_path: Path, tracking_uri: str, monkeypatch
+) -> None:
+    """Read at the epoch's end (as on an accelerator, between reads): validation ran, and its metrics, held to be
+    written with the epoch's train metrics, are written before the run fails."""
+    from aevae import steps
+
+    monkeypatch.setattr(steps, "host_read_interval", lambda device: 10**9)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at epoch 1, step 53"):
+        run_training(parse_config(tiny_args(tracking_uri, tmp_path)), callbacks=[PoisonWeights()])
+    (run,) = all_runs(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    history = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)] for key in ("train/loss", "val/loss")}
+    assert history == {"train/loss": [0], "val/loss": [0, 1]}
+
+
 def test_divergence_from_the_cli_is_one_line_exit_1(tmp_path: Path, tracking_uri: str, monkeypatch, capfd) -> None:
     monkeypatch.chdir(tmp_path)
     code, _, err = aevae_here(capfd, "train", *tiny_args(tracking_uri, tmp_path), "--model.lr", "1e8")

@@ -59,6 +59,38 @@ def test_train_cli_records_one_complete_run(tmp_path: Path, tracking_uri: str) -
     assert "latent_dim: 4" in config and "class_path: aevae.models.VAE" in config
 
 
+def test_an_epoch_is_one_store_write_made_before_its_checkpoints(tmp_path: Path, tracking_uri: str, monkeypatch) -> None:
+    """An epoch's val metrics wait for its train metrics and go to the store in one write, before the epoch's
+    checkpoint exists: a kill after a checkpoint never leaves its epoch out of the run. The sanity check is not
+    recorded."""
+    from aevae.checkpoints import AtomicCheckpointIO
+
+    writes: list[list[int]] = []
+    log_batch = MlflowClient.log_batch
+
+    def counted(client, run_id, metrics=(), *args, **kwargs):
+        if metrics:
+            writes.append(sorted({metric.step for metric in metrics}))
+        return log_batch(client, run_id, metrics, *args, **kwargs)
+
+    recorded_at_save: list[tuple[int, list[int], list[int]]] = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def watched(io, checkpoint, path, storage_options=None):
+        client, run = only_run(tracking_uri)
+        steps = [sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) for key in ("train/loss", "val/loss")]
+        recorded_at_save.append((checkpoint["epoch"], *steps))
+        save(io, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", watched)
+    run_training(tiny_config(tracking_uri, tmp_path, "--fit.test", "false", "--trainer.num_sanity_val_steps", "2"))
+    assert writes == [[0], [1]]  # train and val of an epoch in one write
+    assert recorded_at_save[0] == (0, [0], [0]) and recorded_at_save[-1] == (1, [0, 1], [0, 1])
+    client, run = only_run(tracking_uri)
+    assert {"train/loss", "val/loss", "val/kl_dim_0"} <= run.data.metrics.keys() and "epoch" not in run.data.metrics
+
+
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path: Path) -> None:
     def val_losses(seed: int, name: str) -> list[float]:
         uri = f"sqlite:///{tmp_path / name / 'mlflow.db'}"
