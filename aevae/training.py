@@ -16,6 +16,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 import aevae
 from aevae import analysis, distributed, host_memory, tracking
@@ -195,7 +196,7 @@ def build_trainer(config: Namespace, logger: Any, callbacks: Sequence[Callback] 
             **trainer_options,
             logger=logger,
             callbacks=all_callbacks,
-            plugins=[AtomicCheckpointIO()],
+            plugins=[AsyncCheckpointIO(AtomicCheckpointIO())],  # written while the next epoch trains
             default_root_dir=config.fit.checkpoint_dir,
         )
     except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:  # e.g. devices=0, no GPU

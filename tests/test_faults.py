@@ -269,6 +269,45 @@ def test_an_improving_epoch_writes_one_checkpoint_that_is_both_best_and_last(tmp
     assert seen == [(0, False), (1, False), (1, False), (3, False)] and dumps == 3  # without a last: written itself
 
 
+def test_checkpoints_are_written_while_training_goes_on_and_a_failed_write_fails_the_run(
+    tmp_path: Path, tracking_uri: str, monkeypatch
+) -> None:
+    """A save that takes 1.5 s does not hold the next epoch back, and every file is there when fit returns; a save
+    that fails fails the run (FAILED, with the reason), as a write on the training thread would."""
+    import time as clock
+
+    save, starts = AtomicCheckpointIO.save_checkpoint, []
+
+    def slow(io, checkpoint, path, storage_options=None):
+        clock.sleep(1.5)
+        save(io, checkpoint, path, storage_options)
+
+    class Starts(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            starts.append(clock.perf_counter())
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            starts.append(clock.perf_counter())
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", slow)
+    args = [*tiny_args(tracking_uri, tmp_path, epochs=2), "--fit.test", "false", "--trainer.limit_train_batches", "3"]
+    result = run_training(parse_config(args), callbacks=[Starts()])
+    assert starts[2] - starts[1] < 1.0  # epoch 0's end to epoch 1's start, its checkpoint still being written
+    assert read_checkpoint(result.best_checkpoint)["epoch"] in (0, 1)  # written whole, whichever epoch was best
+    (last,) = (tmp_path / "checkpoints").rglob("last.ckpt")
+    assert read_checkpoint(last)["epoch"] == 1
+
+    def full(io, checkpoint, path, storage_options=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_training(parse_config([*args, "--fit.checkpoint_dir", str(tmp_path / "full")]))
+    failed = [run for run in all_runs(tracking_uri) if run.info.run_id != result.run_id]
+    assert [run.info.status for run in failed] == ["FAILED"]
+    assert "No space left on device" in failed[0].data.tags["failure_reason"]
+
+
 def test_a_checkpoint_saved_under_two_names_renames_the_extra_one_first(tmp_path: Path, monkeypatch) -> None:
     """A kill between the renames then leaves best newer than last, as when best was written first (a resume redoes
     the epoch and writes it again), never an older best.ckpt under a newer record of it."""
