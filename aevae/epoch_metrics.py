@@ -78,7 +78,8 @@ class EpochMetrics:
         self.log_dict(metrics, prog_bar=False, logger=False, sync_dist=True)
         if stage == "val":
             self.log("val_loss", loss, prog_bar=True, logger=False, sync_dist=True)
-        self._write_epoch(stage, int(self.current_epoch), {key: float(value) for key, value in metrics.items()})
+        values = {key: float(value) for key, value in metrics.items() if key != "step"}
+        self._write_epoch(stage, int(self.current_epoch), values)
 
     def _write_epoch(self, stage: str, epoch: int, metrics: dict[str, float]) -> None:
         """Write an epoch's metrics to the run, at step = epoch. val's wait for train's, which come at the end of the
@@ -86,23 +87,24 @@ class EpochMetrics:
         never exists without that epoch's metrics in the run. Lightning's sanity check is not recorded."""
         if self._trainer is None or self.trainer.sanity_checking:
             return
-        metrics.pop("step")
+        held, self._held_val = self._held_val, None
         if stage == "val":
-            self._write_held_val()  # an earlier validation (trainer.val_check_interval)
-            self._held_val = (epoch, metrics)
-            return
-        if self._held_val is not None and self._held_val[0] == epoch:
-            metrics = {**self._held_val[1], **metrics}
-            self._held_val = None
-        self._write_held_val()
-        for logger in self.trainer.loggers:
-            logger.log_metrics(metrics, step=epoch)
+            self._held_val = (epoch, metrics)  # a held one from earlier (trainer.val_check_interval) goes out below
+        elif held is not None and held[0] == epoch:
+            held, metrics = None, {**held[1], **metrics}
+        if held is not None:
+            self._write_to_run(*held)
+        if stage != "val":
+            self._write_to_run(epoch, metrics)
 
     def _write_held_val(self) -> None:
         held, self._held_val = self._held_val, None
         if held is not None:
-            for logger in self.trainer.loggers:
-                logger.log_metrics(held[1], step=held[0])
+            self._write_to_run(*held)
+
+    def _write_to_run(self, epoch: int, metrics: dict[str, float]) -> None:
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=epoch)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

@@ -196,17 +196,12 @@ class TrainingSteps:
         return loss_bad | grads_bad
 
     def _after_step(self) -> None:
-        if self.check_every == 1:
-            if self.nonfinite_policy == "stop":
-                self.check_divergence()
-            if self._bar_shown:
-                self.bar_loss = self.record.last_finite_loss()
-            return
-        step = self.global_step
-        if self.nonfinite_policy == "stop" and (step + 1) % self.check_every == 0:
+        every = self.check_every
+        step = 0 if every == 1 else self.global_step  # read every step (a CPU): no need to ask Lightning's count
+        if self.nonfinite_policy == "stop" and (step + 1) % every == 0:
             self.check_divergence()
-        if self._bar_shown and step % BAR_EVERY == 0:
-            self.bar_loss = self.record.last_finite_loss()  # the one host read a bar update costs
+        if self._bar_shown and step % (1 if every == 1 else BAR_EVERY) == 0:
+            self.bar_loss = self.record.last_finite_loss()  # on an accelerator, the one host read a bar update costs
 
     def check_divergence(self) -> None:
         """Under fit.on_nonfinite=stop, fail at the first non-finite loss the record holds, naming its step. The run
